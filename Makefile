@@ -1,0 +1,48 @@
+# make test: install everything (Debian packages, .venv with pinned Python packages) and run the tests.
+# make demo: install, then run the end-to-end demo on Fashion-MNIST.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+DEBIAN_PACKAGES := dataset-fashion-mnist redis-server docker-compose
+REDIS_PORT ?= 6379
+
+.PHONY: install system-deps redis test demo bench experiment clean
+
+install: system-deps $(STAMP)
+
+# Reinstalled only when the pins change; an unchanged .venv costs nothing.
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $@
+
+system-deps:
+	@missing=$$(for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages: $$missing"; \
+		$(SUDO) apt-get install -y -q $$missing >/dev/null 2>&1 || \
+		{ $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q $$missing; }; \
+	fi
+
+# Tests use the Redis on 127.0.0.1:$(REDIS_PORT); start one if none answers.
+redis:
+	@redis-cli -p $(REDIS_PORT) ping >/dev/null 2>&1 || \
+		redis-server --daemonize yes --bind 127.0.0.1 --port $(REDIS_PORT) --save "" --appendonly no
+
+test: install redis
+	$(BIN)/pytest -q
+
+demo: install
+	$(BIN)/warmtune demo
+
+bench: install
+	$(BIN)/warmtune bench
+
+experiment: install
+	$(BIN)/warmtune experiment --study all --quick
+
+clean:
+	rm -rf $(VENV) var .pytest_cache

@@ -1,0 +1,1 @@
+"""warmtune's service library: settings, model, stores, serving, queue, metrics, routes, CLI."""

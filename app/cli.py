@@ -1,0 +1,106 @@
+"""The warmtune command line. Settings come from WARMTUNE_* environment variables (listed in --help)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import sys
+
+from app.settings import Settings, get_settings
+
+log = logging.getLogger("warmtune")
+
+
+def settings_help() -> str:
+    lines = ["settings (environment variables, defaults in brackets):"]
+    for name, field in Settings.model_fields.items():
+        default = field.default_factory() if field.default_factory else field.default
+        lines.append(f"  WARMTUNE_{name.upper():<26} [{default}]  {field.description}")
+    return "\n".join(lines)
+
+
+def format_holdout(scores: dict | None) -> str:
+    if not scores:
+        return "-"
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    return f"old {fmt(scores['old'])} new {fmt(scores['new'])} all {fmt(scores['all'])}"
+
+
+def cmd_update(args: argparse.Namespace, settings: Settings) -> int:
+    """Apply the pending update sets once and print what became of them."""
+    from app.ledger import Ledger
+    from worker.jobs import apply_pending_updates
+
+    results = apply_pending_updates(settings)
+    if not results:
+        print("nothing pending")
+    ledger = Ledger(settings)
+    for r in results:
+        classes = ledger.snapshots.meta(r.version).classes if r.version else []
+        print(
+            f"{r.status:8} {len(r.update_ids)} set(s) -> version {r.version or '-'}  "
+            f"holdout {format_holdout(r.metrics.get('holdout_after'))}  "
+            f"{len(classes) or ''} {'classes: ' + ', '.join(classes) if classes else r.reason or ''}"
+        )
+    return 0 if all(r.status == "applied" for r in results) else 1
+
+
+def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
+    """Store update sets taken from Fashion-MNIST or an image folder, as an annotator would post them."""
+    from app.datasets import load_source
+    from app.ledger import Ledger
+
+    source = load_source(args.data)
+    classes = args.classes.split(",") if args.classes else source.classes
+    rng = random.Random(args.seed)
+    ledger = Ledger(settings)
+    current = ledger.snapshots.current()
+    known = ledger.snapshots.meta(current).classes if current else []
+    images: list[bytes] = []
+    labels: list[str] = []
+    for label in classes:
+        chosen = source.take(label, args.per_class, rng)
+        images += chosen
+        labels += [label] * len(chosen)
+    order = list(range(len(images)))
+    rng.shuffle(order)
+    size = args.set_size or len(order)
+    for lo in range(0, len(order), size):
+        part = order[lo : lo + size]
+        update, _ = ledger.samples.add([images[i] for i in part], [labels[i] for i in part], known_classes=known)
+        print(f"stored update set {update.update_id}: {len(update)} samples, new classes {list(update.new_classes)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="warmtune",
+        description="Online model updates: warm-started fine-tuning with replay, atomic model swaps.",
+        epilog=settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("update", help="apply the pending update sets once")
+
+    ingest = sub.add_parser("ingest", help="store update sets from Fashion-MNIST or an image folder")
+    ingest.add_argument("--data", default="fashion-mnist", help="'fashion-mnist' or a folder of class sub-folders")
+    ingest.add_argument("--classes", default="", help="comma-separated class names (default: all)")
+    ingest.add_argument("--per-class", type=int, default=100, help="images per class")
+    ingest.add_argument("--set-size", type=int, default=0, help="images per update set (default: one set)")
+    ingest.add_argument("--seed", type=int, default=None, help="seed for choosing images")
+    return parser
+
+
+COMMANDS = {"update": cmd_update, "ingest": cmd_ingest}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return COMMANDS[args.command](args, get_settings())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

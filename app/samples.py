@@ -1,0 +1,173 @@
+"""The sample store: every accepted update set, durable and whole, with its holdout split.
+
+One update set is one zip file (manifest.json + the original image bytes), written to a
+temporary file, fsynced and linked into place: a crash leaves the whole set or none of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import random
+import re
+import time
+import uuid
+import zipfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from app.errors import InvalidLabel, InvalidUpdate, UnknownUpdate
+from app.files import create_exclusive
+from app.images import decode_image
+
+UPDATE_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+@dataclass(frozen=True)
+class Sample:
+    update_id: str
+    index: int
+    label: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class UpdateSet:
+    update_id: str
+    received_at: float
+    labels: tuple[str, ...]
+    holdout: frozenset[int]
+    new_classes: tuple[str, ...]
+    path: Path
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def samples(self, holdout: bool) -> list[Sample]:
+        """The training samples (holdout=False) or the holdout samples (holdout=True)."""
+        wanted = [i for i in range(len(self.labels)) if (i in self.holdout) == holdout]
+        with zipfile.ZipFile(self.path) as archive:
+            return [Sample(self.update_id, i, self.labels[i], archive.read(f"{i:06d}")) for i in wanted]
+
+
+def clean_label(label: str, max_length: int, name: str) -> str:
+    """A label stripped of surrounding whitespace, or InvalidLabel saying what is wrong with it."""
+    text = label.strip()
+    if not text:
+        raise InvalidLabel(f"{name}: label is empty")
+    if len(text) > max_length:
+        raise InvalidLabel(f"{name}: label is {len(text)} characters, over the limit of {max_length}")
+    if not text.isprintable():
+        raise InvalidLabel(f"{name}: label {text[:40]!r} has non-printable characters")
+    return text
+
+
+def split_holdout(update_id: str, labels: Sequence[str], fraction: float, new_classes: Iterable[str]) -> set[int]:
+    """Pick a stratified holdout: about `fraction` of each label, at least one of a new class with two or more."""
+    if fraction <= 0:
+        return set()
+    rng = random.Random(update_id)
+    new = set(new_classes)
+    chosen: set[int] = set()
+    for label in dict.fromkeys(labels):
+        members = [i for i, lab in enumerate(labels) if lab == label]
+        count = math.floor(fraction * len(members) + 0.5)
+        if label in new and len(members) >= 2:
+            count = max(count, 1)
+        count = min(count, len(members) - 1)  # keep one sample of every label to train on
+        chosen.update(rng.sample(members, count))
+    return chosen
+
+
+class SampleStore:
+    """Update sets on disk under root, one zip file each."""
+
+    def __init__(self, root: Path, max_image_pixels: int, max_label_length: int, holdout_fraction: float) -> None:
+        self.root = root
+        self.max_image_pixels = max_image_pixels
+        self.max_label_length = max_label_length
+        self.holdout_fraction = holdout_fraction
+        self._cache: dict[str, UpdateSet] = {}
+        root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, update_id: str) -> Path:
+        return self.root / f"{update_id}.zip"
+
+    def validate(self, images: Sequence[bytes], labels: Sequence[str], names: Sequence[str]) -> list[str]:
+        """Check every image and label; return the cleaned labels or raise naming the first bad item."""
+        if not images:
+            raise InvalidUpdate("an update set needs at least one image")
+        if len(labels) != len(images):
+            raise InvalidUpdate(f"got {len(images)} images but {len(labels)} labels; give one label per image, in order")
+        for data, name in zip(images, names, strict=True):
+            decode_image(data, self.max_image_pixels, name)
+        return [clean_label(label, self.max_label_length, name) for label, name in zip(labels, names, strict=True)]
+
+    def add(
+        self,
+        images: Sequence[bytes],
+        labels: Sequence[str],
+        known_classes: Iterable[str] = (),
+        idempotency_key: str | None = None,
+        names: Sequence[str] | None = None,
+    ) -> tuple[UpdateSet, bool]:
+        """Validate and store an update set; returns it and whether it is new.
+
+        With an idempotency key, a second call with the same key stores nothing and
+        returns the set stored by the first.
+        """
+        names = list(names) if names else [f"image {i}" for i in range(len(images))]
+        if idempotency_key is not None:
+            update_id = hashlib.sha256(idempotency_key.encode()).hexdigest()[:32]
+            if self.path(update_id).exists():
+                return self.get(update_id), False
+        else:
+            update_id = uuid.uuid4().hex
+        labels = self.validate(images, labels, names)
+        known = set(known_classes)
+        new_classes = list(dict.fromkeys(label for label in labels if label not in known))
+        manifest = {
+            "update_id": update_id,
+            "received_at": time.time(),
+            "labels": labels,
+            "names": names,
+            "new_classes": new_classes,
+            "holdout": sorted(split_holdout(update_id, labels, self.holdout_fraction, new_classes)),
+        }
+        created = create_exclusive(self.path(update_id), self._archive(manifest, images))
+        return self.get(update_id), created
+
+    @staticmethod
+    def _archive(manifest: dict, images: Sequence[bytes]) -> bytes:
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
+            for i, data in enumerate(images):
+                archive.writestr(f"{i:06d}", data)
+            archive.writestr("manifest.json", json.dumps(manifest))
+        return buffer.getvalue()
+
+    def get(self, update_id: str) -> UpdateSet:
+        if update_id in self._cache:
+            return self._cache[update_id]
+        path = self.path(update_id)
+        if not UPDATE_ID.match(update_id) or not path.is_file():
+            raise UnknownUpdate(f"no update set with id {update_id!r}")
+        with zipfile.ZipFile(path) as archive:
+            manifest = json.loads(archive.read("manifest.json"))
+        update = UpdateSet(
+            update_id=update_id,
+            received_at=manifest["received_at"],
+            labels=tuple(manifest["labels"]),
+            holdout=frozenset(manifest["holdout"]),
+            new_classes=tuple(manifest["new_classes"]),
+            path=path,
+        )
+        self._cache[update_id] = update
+        return update
+
+    def ids(self) -> list[str]:
+        """Ids of every stored update set (temporary files of unfinished writes are not sets)."""
+        return [p.stem for p in self.root.glob("*.zip") if UPDATE_ID.match(p.stem)]

@@ -1,0 +1,99 @@
+"""All configuration of warmtune, read once from the environment (prefix WARMTUNE_)."""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Role = Literal["predict", "annotate", "admin"]
+
+ITERATIONS_PATTERN = re.compile(r"^(update-size|epochs:\d*\.?\d+|\d+)$")
+
+
+class Settings(BaseSettings):
+    """Every knob of the service, the worker, the CLI and the experiments."""
+
+    model_config = SettingsConfigDict(env_prefix="WARMTUNE_", extra="ignore")
+
+    # Storage
+    home: Path = Field(Path("var"), description="Sample store, snapshots and locks live here.")
+
+    # Model
+    arch: str = Field("alexnet", description="torchvision classification model name.")
+    base_weights: str = Field(
+        "none", description="Initial weights: none (random), imagenet (torchvision's), or a state-dict path."
+    )
+    image_size: int = Field(224, ge=16, description="Side of the square model input in pixels.")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    head_init: Literal["mean", "random"] = Field(
+        "mean", description="How rows for new classes start: mean of the old rows, or torch's default init."
+    )
+
+    # The method (Käding et al. 2016 defaults)
+    lr: float = Field(0.001, gt=0, description="SGD learning rate.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
+    weight_decay: float = Field(0.0005, ge=0, description="L2 weight decay.")
+    batch_size: int = Field(64, ge=1, description="Minibatch size of the fine-tune.")
+    replay_lambda: float = Field(
+        0.75, ge=0, le=1, description="Probability of drawing a sample from old data D_{t-1} (λ)."
+    )
+    iterations: str = Field(
+        "update-size",
+        description="SGD iterations per update: update-size (|U_t|), epochs:<fraction> of D_t, or a number.",
+    )
+    holdout_fraction: float = Field(0.1, ge=0, lt=1, description="Fraction of each update set kept for the gate.")
+    gate_max_old_drop: float = Field(
+        0.05, ge=0, description="Largest drop of holdout accuracy on old data a candidate may show (0.05 = 5 points)."
+    )
+    seed: int | None = Field(None, description="Seed for sampling and head init; unset means random.")
+    log_every: int = Field(50, ge=1, description="Training logs a line every this many iterations.")
+
+    # Input limits
+    max_image_pixels: int = Field(40_000_000, ge=1, description="Largest width*height accepted (decompression bombs).")
+    max_label_length: int = Field(100, ge=1, description="Longest class label in characters.")
+    max_images_per_request: int = Field(256, ge=1, description="Most images in one /predict or /updates request.")
+    max_request_bytes: int = Field(64 * 1024 * 1024, ge=1, description="Largest request body in bytes.")
+
+    # Serving
+    max_batch_size: int = Field(32, ge=1, description="Most images in one forward pass of /predict.")
+    max_batch_wait_ms: float = Field(
+        0.0, ge=0, description="Extra wait for a batch to fill; 0 takes what is queued (no added latency)."
+    )
+    decode_threads: int = Field(4, ge=1, description="Threads decoding and preprocessing request images.")
+    max_top_k: int = Field(100, ge=1, description="Largest top_k a client may ask for.")
+
+    # Auth
+    api_keys: dict[str, list[Role]] = Field(
+        default_factory=dict,
+        description='Bearer keys and their roles, JSON: {"key": ["predict", "annotate", "admin"]}. Empty: loopback only.',
+    )
+
+    # Distributed mode
+    redis_url: str | None = Field(None, description="Set to run updates on RQ workers through this Redis.")
+    queue_name: str = Field("warmtune", description="RQ queue and Redis key prefix.")
+    lock_lease_s: float = Field(30.0, gt=0, description="Lineage lock lease; it expires this long after its holder dies.")
+    job_timeout_s: int = Field(3600, ge=1, description="RQ job timeout in seconds.")
+    poll_interval_s: float = Field(2.0, gt=0, description="How often each API replica checks the snapshot pointer.")
+
+    @field_validator("iterations")
+    @classmethod
+    def _check_iterations(cls, value: str) -> str:
+        if not ITERATIONS_PATTERN.match(value):
+            raise ValueError("iterations must be 'update-size', 'epochs:<fraction>' or a whole number")
+        return value
+
+    @field_validator("home")
+    @classmethod
+    def _absolute_home(cls, value: Path) -> Path:
+        return value.expanduser().absolute()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment once."""
+    return Settings()

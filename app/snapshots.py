@@ -1,0 +1,173 @@
+"""The snapshot store: immutable model versions and one pointer saying which is current.
+
+    snapshots/<version>/model.safetensors, meta.json   a published version, never overwritten
+    snapshots/POINTER                                  {"current": v, "latest": n}, replaced atomically
+    snapshots/outcomes/<id>.json                       update sets a job rejected or failed on
+
+Publishing writes the version directory under a temporary name, renames it into place and only
+then moves the pointer: the pointer is the commit. A directory numbered above "latest" is the
+leftover of a crash between the two and is never served.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, Field
+from safetensors.torch import load_file, save_file
+
+from app.errors import LineageMoved, UnknownVersion
+from app.files import atomic_write_json, fsync_dir, read_json
+
+WEIGHTS = "model.safetensors"
+META = "meta.json"
+
+
+class SnapshotMeta(BaseModel):
+    version: int
+    parent: int | None
+    classes: list[str]
+    arch: str
+    image_size: int
+    base_weights: str
+    update_ids: list[str] = Field(description="Update sets this version applied (on top of its parent's).")
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    created_at: float = Field(default_factory=time.time)
+
+
+class Outcome(BaseModel):
+    """What became of update sets a job did not publish: rejected by the gate, or failed."""
+
+    outcome_id: str
+    status: Literal["rejected", "failed"]
+    parent: int | None
+    update_ids: list[str]
+    reason: str
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    created_at: float = Field(default_factory=time.time)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+class SnapshotStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.outcomes_dir = root / "outcomes"
+        self.outcomes_dir.mkdir(parents=True, exist_ok=True)
+        self._metas: dict[int, SnapshotMeta] = {}
+        self._outcomes: dict[str, Outcome] = {}
+
+    # The pointer -----------------------------------------------------------------------------
+
+    @contextmanager
+    def _pointer_lock(self) -> Iterator[None]:
+        """Serialise read-modify-write of the pointer (publish against promote); held for milliseconds."""
+        with open(self.root / "POINTER.lock", "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def pointer(self) -> dict[str, int | None]:
+        path = self.root / "POINTER"
+        if not path.exists():
+            return {"current": None, "latest": 0}
+        return read_json(path)
+
+    def current(self) -> int | None:
+        return self.pointer()["current"]
+
+    def latest(self) -> int:
+        return self.pointer()["latest"]
+
+    def versions(self) -> list[int]:
+        """Published versions, oldest first."""
+        latest = self.latest()
+        return [v for v in range(1, latest + 1) if (self.root / str(v) / META).exists()]
+
+    # Versions --------------------------------------------------------------------------------
+
+    def meta(self, version: int) -> SnapshotMeta:
+        if version not in self._metas:
+            if not 1 <= version <= self.latest() or not (self.root / str(version) / META).exists():
+                raise UnknownVersion(f"no model version {version}")
+            self._metas[version] = SnapshotMeta.model_validate(read_json(self.root / str(version) / META))
+        return self._metas[version]
+
+    def weights(self, version: int) -> dict[str, torch.Tensor]:
+        self.meta(version)
+        return load_file(self.root / str(version) / WEIGHTS)
+
+    def lineage(self, version: int | None) -> list[SnapshotMeta]:
+        """The version and its ancestors, newest first."""
+        chain = []
+        while version is not None:
+            meta = self.meta(version)
+            chain.append(meta)
+            version = meta.parent
+        return chain
+
+    def publish(self, state: dict[str, torch.Tensor], meta: SnapshotMeta) -> int:
+        """Write a new version and make it current; raises LineageMoved if meta.parent is no longer current.
+
+        The caller holds the lineage lock; meta.version is assigned here.
+        """
+        if self.current() != meta.parent:
+            raise LineageMoved(f"current version moved from {meta.parent} to {self.current()} during the update")
+        self.remove_leftovers()
+        tmp = self.root / f".tmp-{uuid.uuid4().hex}"
+        tmp.mkdir()
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp / WEIGHTS)
+        _fsync_file(tmp / WEIGHTS)
+        with self._pointer_lock():
+            pointer = self.pointer()
+            if pointer["current"] != meta.parent:
+                shutil.rmtree(tmp)
+                raise LineageMoved(f"current version moved from {meta.parent} to {pointer['current']} during the update")
+            meta = meta.model_copy(update={"version": pointer["latest"] + 1})
+            (tmp / META).write_text(meta.model_dump_json(indent=2))
+            _fsync_file(tmp / META)
+            fsync_dir(tmp)
+            os.rename(tmp, self.root / str(meta.version))  # fails rather than replace a non-empty directory
+            fsync_dir(self.root)
+            atomic_write_json(self.root / "POINTER", {"current": meta.version, "latest": meta.version})
+        return meta.version
+
+    def promote(self, version: int) -> None:
+        """Make an existing version current (rollback or forward)."""
+        with self._pointer_lock():
+            self.meta(version)
+            pointer = self.pointer()
+            atomic_write_json(self.root / "POINTER", {"current": version, "latest": pointer["latest"]})
+
+    def remove_leftovers(self) -> None:
+        """Delete what a crash mid-publish left: temporary directories and versions above latest."""
+        latest = self.latest()
+        for path in self.root.iterdir():
+            leftover = path.name.startswith(".tmp-") or (path.name.isdigit() and int(path.name) > latest)
+            if path.is_dir() and leftover:
+                shutil.rmtree(path, ignore_errors=True)
+
+    # Outcomes --------------------------------------------------------------------------------
+
+    def record_outcome(self, outcome: Outcome) -> None:
+        atomic_write_json(self.outcomes_dir / f"{outcome.outcome_id}.json", outcome.model_dump(mode="json"))
+
+    def outcomes(self) -> list[Outcome]:
+        for path in self.outcomes_dir.glob("*.json"):
+            if path.stem not in self._outcomes:
+                self._outcomes[path.stem] = Outcome.model_validate(read_json(path))
+        return sorted(self._outcomes.values(), key=lambda o: o.created_at)

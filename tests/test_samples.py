@@ -1,0 +1,113 @@
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from imagegen import make_set
+
+from app.errors import InvalidImage, InvalidLabel, InvalidUpdate, UnknownUpdate
+from app.samples import SampleStore, split_holdout
+
+
+def store(root: Path, holdout: float = 0.1) -> SampleStore:
+    return SampleStore(root, max_image_pixels=40_000_000, max_label_length=20, holdout_fraction=holdout)
+
+
+def test_an_update_set_round_trips_with_its_bytes(tmp_path):
+    images, labels = make_set({"red": 6, "green": 4})
+    update, created = store(tmp_path).add(images, labels)
+    assert created
+    again = store(tmp_path).get(update.update_id)  # a fresh store reads it from disk
+    assert again.labels == tuple(labels)
+    samples = again.samples(holdout=False) + again.samples(holdout=True)
+    assert sorted(s.data for s in samples) == sorted(images)
+    assert {s.label for s in samples} == {"red", "green"}
+
+
+def test_holdout_is_a_stratified_fraction_with_one_per_new_class():
+    labels = ["a"] * 30 + ["b"] * 10 + ["c"] * 3 + ["d"]
+    chosen = split_holdout("x" * 32, labels, 0.1, new_classes={"c", "d"})
+    per_label = {lab: sum(1 for i in chosen if labels[i] == lab) for lab in "abcd"}
+    assert per_label == {"a": 3, "b": 1, "c": 1, "d": 0}  # d has a single sample: it is kept for training
+    assert split_holdout("x" * 32, labels, 0.0, {"c"}) == set()
+
+
+def test_new_classes_are_those_not_known(tmp_path):
+    images, labels = make_set({"red": 2, "green": 2})
+    update, _ = store(tmp_path).add(images, labels, known_classes=["red"])
+    assert update.new_classes == ("green",)
+
+
+def test_an_idempotency_key_stores_a_set_once(tmp_path):
+    s = store(tmp_path)
+    images, labels = make_set({"red": 3})
+    first, created = s.add(images, labels, idempotency_key="k-1")
+    second, created_again = s.add(images, labels, idempotency_key="k-1")
+    assert created and not created_again
+    assert first.update_id == second.update_id
+    assert s.ids() == [first.update_id]
+
+
+@pytest.mark.parametrize(
+    "labels,error,message",
+    [
+        (["red", "red", "   "], InvalidLabel, "image 2: label is empty"),
+        (["red", "red", "x" * 21], InvalidLabel, "image 2: label is 21 characters, over the limit of 20"),
+        (["red", "red\x00", "red"], InvalidLabel, "image 1: label .* non-printable"),
+        (["red", "red"], InvalidUpdate, "3 images but 2 labels"),
+        (["red", "red", "red", "red"], InvalidUpdate, "3 images but 4 labels"),
+    ],
+)
+def test_bad_labels_are_refused_and_nothing_is_stored(tmp_path, labels, error, message):
+    images, _ = make_set({"red": 3})
+    s = store(tmp_path)
+    with pytest.raises(error, match=message):
+        s.add(images, labels)
+    assert s.ids() == []
+
+
+def test_one_bad_image_refuses_the_whole_set_naming_it(tmp_path):
+    images, labels = make_set({"red": 3})
+    images[1] = b"GIF89a but not really"
+    s = store(tmp_path)
+    with pytest.raises(InvalidImage, match="shoe.png: not a readable image"):
+        s.add(images, labels, names=["a.png", "shoe.png", "c.png"])
+    assert s.ids() == []
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_empty_set_is_refused(tmp_path):
+    with pytest.raises(InvalidUpdate, match="at least one image"):
+        store(tmp_path).add([], [])
+
+
+def test_unknown_or_malformed_ids_are_unknown(tmp_path):
+    s = store(tmp_path)
+    for update_id in ["0" * 32, "../../etc/passwd", ""]:
+        with pytest.raises(UnknownUpdate):
+            s.get(update_id)
+
+
+def test_a_crash_mid_write_leaves_the_store_readable_and_the_set_absent(tmp_path):
+    # A real process dies (SIGKILL) after writing the set's bytes, before they are linked into place.
+    child = textwrap.dedent(
+        f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from imagegen import make_set
+        from app.samples import SampleStore
+        from pathlib import Path
+        store = SampleStore(Path({str(tmp_path)!r}), 40_000_000, 20, 0.1)
+        os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)
+        store.add(*make_set({{"red": 50}}))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True)
+    assert result.returncode == -9, result.stderr
+    assert any(tmp_path.iterdir()), "the child should have died holding a partly written file"
+
+    s = store(tmp_path)
+    assert s.ids() == []
+    update, _ = s.add(*make_set({"green": 2}))
+    assert s.ids() == [update.update_id]

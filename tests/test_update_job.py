@@ -1,0 +1,103 @@
+"""Real update steps on generated images: warm start, head growth, replay, gate, publish."""
+
+import torch
+import torch.nn.functional as F
+from imagegen import make_set, poisoned_set
+
+from app.ledger import Ledger
+from app.model import build_model
+from worker.jobs import apply_pending_updates
+
+
+def add(ledger: Ledger, images, labels) -> str:
+    current = ledger.snapshots.current()
+    known = ledger.snapshots.meta(current).classes if current else []
+    update, _ = ledger.samples.add(images, labels, known_classes=known)
+    return update.update_id
+
+
+def similarity(a: torch.Tensor, b: torch.Tensor) -> float:
+    return F.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+
+
+def test_three_steps_then_a_poisoned_set_is_rejected(settings):
+    ledger = Ledger(settings)
+
+    # step 1: two initial classes
+    first = add(ledger, *make_set({"red": 30, "green": 30}, seed=1))
+    assert ledger.status(first).status == "queued"
+    [r1] = apply_pending_updates(settings)
+    assert (r1.status, r1.version) == ("applied", 1)
+    assert sorted(ledger.snapshots.meta(1).classes) == ["green", "red"]
+    assert r1.metrics["holdout_after"]["new"] >= 0.8
+
+    # step 2: a new class grows the head, warm-started from version 1
+    second = add(ledger, *make_set({"blue": 30}, seed=2))
+    [r2] = apply_pending_updates(settings)
+    meta2 = ledger.snapshots.meta(2)
+    assert meta2.classes == ledger.snapshots.meta(1).classes + ["blue"]
+    assert (meta2.parent, r2.metrics["warm_start_from"], r2.metrics["new_classes"]) == (1, 1, ["blue"])
+    v1, v2 = ledger.snapshots.weights(1), ledger.snapshots.weights(2)
+    fresh = build_model("resnet18", 3).state_dict()
+    assert similarity(v2["layer1.0.conv1.weight"], v1["layer1.0.conv1.weight"]) > 0.99
+    assert abs(similarity(fresh["layer1.0.conv1.weight"], v1["layer1.0.conv1.weight"])) < 0.1
+    assert r2.metrics["samples_old"] > 0 and r2.metrics["holdout_after"]["new"] >= 0.8
+
+    # step 3: more samples of a known class; two sets coalesce into one step
+    third = [add(ledger, *make_set({"red": 10}, seed=s)) for s in (3, 4)]
+    [r3] = apply_pending_updates(settings)
+    assert r3.version == 3 and ledger.snapshots.meta(3).update_ids == third
+    assert ledger.snapshots.meta(3).classes == meta2.classes
+
+    # a poisoned set (green images labelled red) costs old accuracy: the gate rejects it
+    poison = add(ledger, *poisoned_set("green", "red", 60, seed=5))
+    [r4] = apply_pending_updates(settings)
+    assert r4.status == "rejected", r4.metrics
+    assert ledger.snapshots.current() == 3 and ledger.snapshots.versions() == [1, 2, 3]
+    status = ledger.status(poison)
+    assert status.status == "rejected" and "holdout accuracy on old data would fall" in status.error
+    before, after = status.metrics["holdout_before"]["old"], status.metrics["holdout_after"]["old"]
+    assert after < before - settings.gate_max_old_drop
+
+    assert [ledger.status(u).status for u in [first, second, *third]] == ["applied"] * 4
+    assert ledger.status(second).model_version == 2
+    assert ledger.pending() == []
+    assert apply_pending_updates(settings) == []
+
+
+def test_after_a_rollback_the_next_version_grows_from_the_promoted_one(settings):
+    ledger = Ledger(settings)
+    add(ledger, *make_set({"red": 20, "green": 20}, seed=1))
+    apply_pending_updates(settings)
+    blue = add(ledger, *make_set({"blue": 20}, seed=2))
+    apply_pending_updates(settings)
+    ledger.snapshots.promote(1)
+
+    add(ledger, *make_set({"yellow": 20}, seed=3))
+    [result] = apply_pending_updates(settings)
+
+    meta = ledger.snapshots.meta(result.version)
+    assert (result.version, meta.parent) == (3, 1)
+    assert meta.classes == ledger.snapshots.meta(1).classes + ["yellow"]
+    assert blue not in {u.update_id for u in ledger.replay_sets(3)}  # blue belongs to the abandoned branch
+    assert ledger.status(blue).status == "applied"
+
+
+def test_a_step_that_fails_is_recorded_and_the_job_goes_on(make_settings):
+    broken = make_settings(arch="nonesuch")
+    ledger = Ledger(broken)
+    update = add(ledger, *make_set({"red": 4}, seed=1))
+    [result] = apply_pending_updates(broken)
+    assert result.status == "failed"
+    status = ledger.status(update)
+    assert status.status == "failed" and "unknown architecture 'nonesuch'" in status.error
+
+
+def test_running_is_reported_while_a_job_holds_the_update(settings):
+    ledger = Ledger(settings)
+    update = add(ledger, *make_set({"red": 4}, seed=1))
+    ledger.mark_running([update], lease_s=30)
+    assert ledger.status(update).status == "running"
+    assert ledger.counts()["running"] == 1
+    ledger.mark_running([update], lease_s=-1)  # a dead job's marker expires by itself
+    assert ledger.status(update).status == "queued"
