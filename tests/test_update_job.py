@@ -49,8 +49,8 @@ def test_three_steps_then_a_poisoned_set_is_rejected(settings):
     assert r3.version == 3 and ledger.snapshots.meta(3).update_ids == third
     assert ledger.snapshots.meta(3).classes == meta2.classes
 
-    # a poisoned set (green images labelled red) costs old accuracy: the gate rejects it
-    poison = add(ledger, *poisoned_set("green", "red", 60, seed=5))
+    # poisoned sets (green and blue images labelled red) cost old accuracy: the gate rejects them
+    poison, _ = add(ledger, *poisoned_set("green", "red", 60, seed=5)), add(ledger, *poisoned_set("blue", "red", 60, seed=6))
     [r4] = apply_pending_updates(settings)
     assert r4.status == "rejected", r4.metrics
     assert ledger.snapshots.current() == 3 and ledger.snapshots.versions() == [1, 2, 3]
@@ -73,12 +73,13 @@ def test_after_a_rollback_the_next_version_grows_from_the_promoted_one(settings)
     apply_pending_updates(settings)
     ledger.snapshots.promote(1)
 
-    add(ledger, *make_set({"yellow": 20}, seed=3))
+    # blue is new again on this branch
+    add(ledger, *make_set({"blue": 20}, seed=3))
     [result] = apply_pending_updates(settings)
 
     meta = ledger.snapshots.meta(result.version)
     assert (result.version, meta.parent) == (3, 1)
-    assert meta.classes == ledger.snapshots.meta(1).classes + ["yellow"]
+    assert meta.classes == ledger.snapshots.meta(1).classes + ["blue"]
     assert blue not in {u.update_id for u in ledger.replay_sets(3)}  # blue belongs to the abandoned branch
     assert ledger.status(blue).status == "applied"
 
