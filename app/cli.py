@@ -73,6 +73,20 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    """Run the HTTP service (embedded update worker unless WARMTUNE_REDIS_URL is set)."""
+    import uvicorn
+
+    from app.api import create_app
+    from app.auth import safe_host
+
+    host, warning = safe_host(args.host, settings.api_keys)
+    if warning:
+        log.warning(warning)
+    uvicorn.run(create_app(settings), host=host, port=args.port, log_level="info")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="warmtune",
@@ -81,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the HTTP service")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback only without API keys)")
+    serve.add_argument("--port", type=int, default=8000)
 
     sub.add_parser("update", help="apply the pending update sets once")
 
@@ -93,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"update": cmd_update, "ingest": cmd_ingest}
+COMMANDS = {"serve": cmd_serve, "update": cmd_update, "ingest": cmd_ingest}
 
 
 def main(argv: list[str] | None = None) -> int:

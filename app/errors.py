@@ -1,4 +1,4 @@
-"""Domain errors raised by the core, and the one place that maps them to HTTP answers."""
+"""Domain errors raised by the core; each carries the HTTP status app.api answers it with."""
 
 from __future__ import annotations
 
@@ -7,6 +7,18 @@ class WarmtuneError(Exception):
     """Base of every error warmtune raises on purpose; its message is shown to the caller."""
 
     status_code = 400
+
+
+class MalformedRequest(WarmtuneError):
+    """A request body that cannot be parsed (broken multipart, wrong field types)."""
+
+    status_code = 400
+
+
+class InvalidParameter(WarmtuneError):
+    """A query or path parameter out of its range."""
+
+    status_code = 422
 
 
 class InvalidImage(WarmtuneError):
@@ -37,6 +49,18 @@ class UnsupportedMediaType(WarmtuneError):
     """A request body of a content type the endpoint does not take."""
 
     status_code = 415
+
+
+class Unauthorized(WarmtuneError):
+    """No bearer key, or one that is not configured."""
+
+    status_code = 401
+
+
+class Forbidden(WarmtuneError):
+    """A known key without the role an endpoint needs."""
+
+    status_code = 403
 
 
 class UnknownUpdate(WarmtuneError):

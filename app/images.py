@@ -33,7 +33,9 @@ def decode_image(data: bytes, max_pixels: int, name: str = "image") -> Image.Ima
         raise
     except Image.DecompressionBombError as exc:
         raise InvalidImage(f"{name}: over the pixel limit ({exc})") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+    except UnidentifiedImageError:
+        raise InvalidImage(f"{name}: not an image in a format we read (PNG, JPEG, GIF, BMP, WebP, TIFF)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise InvalidImage(f"{name}: not a readable image ({exc})") from None
     return image
 
@@ -61,3 +63,11 @@ def normalize(pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch
     mean = torch.tensor(MEAN, device=pixels.device, dtype=dtype).view(1, 3, 1, 1)
     std = torch.tensor(STD, device=pixels.device, dtype=dtype).view(1, 3, 1, 1)
     return (pixels.to(dtype) / 255 - mean) / std
+
+
+def to_model_input(pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 pixels onto the device (pinned and asynchronous on CUDA), normalised there."""
+    if device.type == "cuda":
+        pixels = pixels.pin_memory().to(device, non_blocking=True)
+        return normalize(pixels).contiguous(memory_format=torch.channels_last)
+    return normalize(pixels)

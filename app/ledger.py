@@ -36,6 +36,12 @@ class Consumed:
     error: str | None
 
 
+@dataclass(frozen=True)
+class LastStep:
+    status: Status
+    created_at: float
+
+
 class Ledger:
     """The sample store and the snapshot store of one WARMTUNE_HOME, and what follows from them."""
 
@@ -107,3 +113,9 @@ class Ledger:
             return set()
         return set(marker["update_ids"]) if marker["expires_at"] > time.time() else set()
 
+
+    def last_step(self) -> LastStep | None:
+        """The most recent update step's outcome: a published version, or a rejected or failed step."""
+        steps = [LastStep("applied", self.snapshots.meta(v).created_at) for v in self.snapshots.versions()[-1:]]
+        steps += [LastStep(o.status, o.created_at) for o in self.snapshots.outcomes()[-1:]]
+        return max(steps, key=lambda s: s.created_at, default=None)

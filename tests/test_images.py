@@ -23,7 +23,7 @@ def test_a_good_image_decodes():
     "data,message",
     [
         (b"", "empty file"),
-        (b"this is not an image", "not a readable image"),
+        (b"this is not an image", "not an image in a format we read"),
         (encode(Image.new("RGB", (64, 64), "red"), "JPEG")[:200], "not a readable image"),  # truncated
     ],
 )

@@ -71,7 +71,7 @@ def test_one_bad_image_refuses_the_whole_set_naming_it(tmp_path):
     images, labels = make_set({"red": 3})
     images[1] = b"GIF89a but not really"
     s = store(tmp_path)
-    with pytest.raises(InvalidImage, match="shoe.png: not a readable image"):
+    with pytest.raises(InvalidImage, match="shoe.png: not an image in a format we read"):
         s.add(images, labels, names=["a.png", "shoe.png", "c.png"])
     assert s.ids() == []
     assert list(tmp_path.iterdir()) == []

@@ -9,6 +9,7 @@ import random
 import time
 import traceback
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -37,8 +38,13 @@ class StepResult:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-def apply_pending_updates(settings: Settings | None = None) -> list[StepResult]:
-    """Apply every pending update set under the lineage lock, coalescing what is pending into each step."""
+def apply_pending_updates(
+    settings: Settings | None = None, on_step: Callable[[StepResult], None] | None = None
+) -> list[StepResult]:
+    """Apply every pending update set under the lineage lock, coalescing what is pending into each step.
+
+    on_step is called after each step (to announce a new version, in the service).
+    """
     settings = settings or get_settings()
     ledger = Ledger(settings)
     running: list[str] = []
@@ -54,17 +60,21 @@ def apply_pending_updates(settings: Settings | None = None) -> list[StepResult]:
             running[:] = [u.update_id for u in pending]
             ledger.mark_running(running, settings.lock_lease_s)
             try:
-                results.append(apply_step(settings, ledger, pending, lock))
+                result = apply_step(settings, ledger, pending, lock)
             except LineageMoved as exc:
                 log.info("%s; starting over from the new current version", exc)
+                continue
             except LockLost:
                 raise
             except Exception as exc:  # a failed step is recorded, and the lineage goes on
                 log.exception("update step failed")
-                results.append(record_failure(ledger, pending, exc))
+                result = record_failure(ledger, pending, exc)
             finally:
                 running.clear()
                 ledger.clear_running()
+            results.append(result)
+            if on_step is not None:
+                on_step(result)
     return results
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from app.images import decode_image, normalize, pixel_transform, to_pixels
+from app.images import decode_image, pixel_transform, to_model_input, to_pixels
 from app.samples import Sample
 from app.settings import Settings
 from worker.sampler import ReplaySampler
@@ -96,14 +96,6 @@ def replay_batch(old: SampleTensors, new: SampleTensors, indices: torch.Tensor) 
     return torch.stack(pixels), torch.cat([old.targets, new.targets])[indices]
 
 
-def to_device(pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 pixels onto the device (pinned and asynchronous on CUDA), normalised there."""
-    if device.type == "cuda":
-        pixels = pixels.pin_memory().to(device, non_blocking=True)
-        return normalize(pixels).contiguous(memory_format=torch.channels_last)
-    return normalize(pixels)
-
-
 def fine_tune(
     model: nn.Module,
     old: SampleTensors,
@@ -122,7 +114,7 @@ def fine_tune(
     losses: list[torch.Tensor] = []
     for it in range(1, cfg.iterations + 1):
         pixels, targets = replay_batch(old, new, sampler.draw(cfg.batch_size))
-        x, y = to_device(pixels, device), targets.to(device, non_blocking=True)
+        x, y = to_model_input(pixels, device), targets.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
@@ -161,7 +153,7 @@ def predict_labels(model: nn.Module, samples: SampleTensors, device: torch.devic
     for lo in range(0, len(samples), batch_size):
         pixels, _ = samples.batch(range(lo, min(lo + batch_size, len(samples))))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out.append(model(to_device(pixels, device)).argmax(dim=1).cpu())
+            out.append(model(to_model_input(pixels, device)).argmax(dim=1).cpu())
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 
 

@@ -1,0 +1,49 @@
+"""GET /models lists the versions; POST /models/{version}/promote makes one current (rollback or forward)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel
+
+from app.auth import require
+from app.snapshots import SnapshotStore
+
+router = APIRouter(tags=["models"])
+
+
+class ModelVersionOut(BaseModel):
+    version: int
+    parent: int | None
+    classes: list[str]
+    created_at: float
+    update_ids: list[str]
+    metrics: dict[str, Any]
+
+
+class ModelsOut(BaseModel):
+    current: int | None
+    versions: list[ModelVersionOut]
+
+
+def list_models(snapshots: SnapshotStore) -> ModelsOut:
+    versions = [ModelVersionOut(**snapshots.meta(v).model_dump()) for v in snapshots.versions()]
+    return ModelsOut(current=snapshots.current(), versions=versions)
+
+
+@router.get("/models", response_model=ModelsOut, dependencies=[Depends(require("predict"))])
+async def get_models(request: Request) -> ModelsOut:
+    return await run_in_threadpool(list_models, request.app.state.ledger.snapshots)
+
+
+@router.post("/models/{version}/promote", response_model=ModelsOut, dependencies=[Depends(require("admin"))])
+async def promote(request: Request, version: int) -> ModelsOut:
+    """Make an existing version current; this replica serves it before answering, the others follow."""
+    state = request.app.state
+    await run_in_threadpool(state.ledger.snapshots.promote, version)
+    state.server.broken.pop(version, None)  # an explicit promote retries a version that failed to load
+    await state.server.refresh()
+    await run_in_threadpool(state.queue.announce, version)
+    return await run_in_threadpool(list_models, state.ledger.snapshots)

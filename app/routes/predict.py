@@ -1,0 +1,80 @@
+"""POST /predict: classify images with the served model, micro-batched with other requests."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from app.auth import require
+from app.errors import InvalidParameter
+from app.routes.uploads import read_images
+from app.serving import Prediction
+
+router = APIRouter(tags=["predict"])
+
+IMAGES_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"images": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                    "required": ["images"],
+                }
+            },
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+class LabelScore(BaseModel):
+    label: str
+    score: float
+
+
+class PredictionOut(BaseModel):
+    label: str
+    score: float
+    top_k: list[LabelScore]
+
+
+class PredictResponse(BaseModel):
+    model_version: int
+    predictions: list[PredictionOut]
+
+
+def prediction_out(p: Prediction) -> PredictionOut:
+    return PredictionOut(label=p.label, score=p.score, top_k=[LabelScore(label=label, score=score) for label, score in p.top_k])
+
+
+@router.post(
+    "/predict",
+    response_model=PredictResponse,
+    dependencies=[Depends(require("predict"))],
+    openapi_extra=IMAGES_BODY,
+    responses={503: {"description": "No model has any class yet"}},
+)
+async def predict(request: Request, top_k: int = 5) -> JSONResponse:
+    """Top-k labels for each image, in input order, and the model version that produced them."""
+    state = request.app.state
+    started = time.perf_counter()
+    status, version = 500, None
+    try:
+        if not 1 <= top_k <= state.settings.max_top_k:
+            raise InvalidParameter(f"top_k must be between 1 and {state.settings.max_top_k}, got {top_k}")
+        images = await read_images(request, state.settings)
+        pixels = await state.server.prepare_all(images)
+        version, predictions = await state.server.predict(pixels, top_k)
+        status = 200
+    except Exception as exc:
+        status = getattr(exc, "status_code", 500)
+        raise
+    finally:
+        state.metrics.predicted(status, version, started)
+    body = PredictResponse(model_version=version, predictions=[prediction_out(p) for p in predictions])
+    return JSONResponse(body.model_dump(), headers={"X-Model-Version": str(version)})

@@ -1,0 +1,97 @@
+"""POST /updates stores a labelled update set durably and queues it; GET /updates/{id} reports on it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel
+
+from app.auth import require
+from app.errors import MalformedRequest
+from app.ledger import Status
+from app.routes.uploads import read_files, read_form
+
+router = APIRouter(tags=["updates"])
+
+UPDATE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                        "labels": {"type": "array", "items": {"type": "string"}, "description": "One per image, in order."},
+                    },
+                    "required": ["images", "labels"],
+                }
+            }
+        },
+    }
+}
+
+
+class UpdateAccepted(BaseModel):
+    update_id: str
+    status: Status
+    samples: int
+    new_classes: list[str]
+
+
+class UpdateStatusOut(BaseModel):
+    update_id: str
+    status: Status
+    samples: int
+    model_version: int | None
+    metrics: dict[str, Any]
+    error: str | None
+
+
+def known_classes(request: Request) -> list[str]:
+    snapshots = request.app.state.ledger.snapshots
+    current = snapshots.current()
+    return snapshots.meta(current).classes if current else []
+
+
+@router.post(
+    "/updates",
+    status_code=202,
+    response_model=UpdateAccepted,
+    dependencies=[Depends(require("annotate"))],
+    openapi_extra=UPDATE_BODY,
+)
+async def post_update(
+    request: Request, response: Response, idempotency_key: str | None = Header(None, max_length=200)
+) -> UpdateAccepted:
+    """Validate and store an update set (durably, before answering), then queue the update job."""
+    state = request.app.state
+    form = await read_form(request, state.settings)
+    try:
+        images = await read_files(form, "images", state.settings.max_images_per_request)
+        labels = form.getlist("labels")
+    finally:
+        await form.close()
+    if not all(isinstance(label, str) for label in labels):
+        raise MalformedRequest("labels must be plain form fields, not files")
+    update, created = await run_in_threadpool(
+        state.ledger.samples.add,
+        [data for _, data in images],
+        labels,
+        known_classes(request),
+        idempotency_key,
+        [name for name, _ in images],
+    )
+    if created:
+        await run_in_threadpool(state.queue.submit)
+    response.headers["Location"] = f"/updates/{update.update_id}"
+    return UpdateAccepted(update_id=update.update_id, status="queued", samples=len(update), new_classes=list(update.new_classes))
+
+
+@router.get("/updates/{update_id}", response_model=UpdateStatusOut, dependencies=[Depends(require("annotate"))])
+async def get_update(request: Request, update_id: str) -> UpdateStatusOut:
+    """Status of an update set, with the step's metrics (holdout accuracies, iterations, seconds)."""
+    status = await run_in_threadpool(request.app.state.ledger.status, update_id)
+    return UpdateStatusOut(**status.__dict__)

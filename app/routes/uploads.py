@@ -1,0 +1,84 @@
+"""Reading request bodies within the limits: multipart forms and raw image bodies."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from starlette.datastructures import FormData, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from app.errors import MalformedRequest, TooLarge, UnsupportedMediaType
+from app.settings import Settings
+
+
+def content_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+async def limited_body(request: Request, limit: int) -> AsyncIterator[bytes]:
+    """The request body, refused with 413 as soon as it is known to be over the limit."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise TooLarge(f"request body of {declared} bytes is over the limit of {limit} bytes")
+    total = 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise TooLarge(f"request body is over the limit of {limit} bytes")
+        yield chunk
+
+
+async def read_form(request: Request, settings: Settings) -> FormData:
+    """Parse a multipart form of at most max_images_per_request files and max_request_bytes."""
+    if content_type(request) != "multipart/form-data":
+        raise UnsupportedMediaType(
+            f"expected a multipart/form-data body, got {content_type(request) or 'no content type'}"
+        )
+    limit = settings.max_images_per_request
+    parser = MultiPartParser(
+        request.headers,
+        limited_body(request, settings.max_request_bytes),
+        max_files=limit,
+        max_fields=limit + 16,  # one label per image, and a few others
+    )
+    try:
+        return await parser.parse()
+    except MultiPartException as exc:
+        if exc.message.startswith("Too many"):
+            raise TooLarge(f"more than {limit} images (or fields) in one request") from None
+        raise MalformedRequest(f"malformed multipart body: {exc.message}") from None
+
+
+async def read_files(form: FormData, field: str, limit: int) -> list[tuple[str, bytes]]:
+    """The file parts named field, as (name for messages, bytes)."""
+    parts = form.getlist(field)
+    if len(parts) > limit:
+        raise TooLarge(f"{len(parts)} images in one request; the limit is {limit}")
+    files = []
+    for i, part in enumerate(parts):
+        if not isinstance(part, UploadFile):
+            raise MalformedRequest(f"{field}[{i}] must be a file part, not a plain form field")
+        name = f"{field}[{i}]" + (f" ({part.filename})" if part.filename else "")
+        files.append((name, await part.read()))
+    return files
+
+
+async def read_images(request: Request, settings: Settings) -> list[tuple[str, bytes]]:
+    """Images of a predict request: file parts named 'images', or one raw image/* body."""
+    kind = content_type(request)
+    if kind.startswith("image/"):
+        body = b"".join([chunk async for chunk in limited_body(request, settings.max_request_bytes)])
+        return [("image", body)]
+    if kind != "multipart/form-data":
+        raise UnsupportedMediaType(
+            f"send multipart/form-data with 'images' file parts, or one image/* body; got {kind or 'no content type'}"
+        )
+    form = await read_form(request, settings)
+    try:
+        images = await read_files(form, "images", settings.max_images_per_request)
+    finally:
+        await form.close()
+    if not images:
+        raise MalformedRequest("no images: send one or more file parts named 'images'")
+    return images

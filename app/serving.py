@@ -1,0 +1,238 @@
+"""Serving: the current model, swapped atomically for a new version, and dynamic micro-batching.
+
+A swap loads the new version beside the old one in a background thread, runs one warm-up batch,
+then replaces a single reference. A batch takes that reference when it starts, so work in flight
+ends on the version it began with, and every answer names the version that produced it.
+
+The batcher follows Triton's default: when the model is free it takes whatever requests are
+queued, up to max_batch_size images, adding no wait when idle (max_batch_wait_ms = 0).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from app.errors import NoModel
+from app.images import decode_image, pixel_transform, to_model_input, to_pixels
+from app.ledger import Ledger
+from app.metrics import Metrics
+from app.model import model_from_state, select_device
+from app.settings import Settings
+from app.snapshots import SnapshotStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    version: int
+    classes: list[str]
+    image_size: int
+    model: nn.Module
+    device: torch.device
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    score: float
+    top_k: list[tuple[str, float]]
+
+
+def load_version(snapshots: SnapshotStore, version: int, device: torch.device) -> ServedModel:
+    """Build a version's model on the device and run one warm-up batch through it."""
+    meta = snapshots.meta(version)
+    model = model_from_state(meta.arch, snapshots.weights(version)).to(device).eval()
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    served = ServedModel(version, list(meta.classes), meta.image_size, model, device)
+    forward(served, torch.zeros(1, 3, meta.image_size, meta.image_size, dtype=torch.uint8))
+    return served
+
+
+@torch.inference_mode()
+def forward(served: ServedModel, pixels: torch.Tensor) -> torch.Tensor:
+    """Class probabilities for a uint8 (N, 3, S, S) batch, on the CPU."""
+    if pixels.shape[-1] != served.image_size:  # prepared for the version before a swap
+        pixels = F.interpolate(pixels.float(), size=served.image_size, mode="bilinear").round().to(torch.uint8)
+    x = to_model_input(pixels, served.device)
+    with torch.autocast(served.device.type, dtype=torch.bfloat16, enabled=served.device.type == "cuda"):
+        logits = served.model(x)
+    return logits.float().softmax(dim=1).cpu()
+
+
+def top_predictions(probs: torch.Tensor, classes: list[str], k: int) -> list[Prediction]:
+    scores, indices = probs.topk(min(k, len(classes)), dim=1)
+    out = []
+    for row_scores, row_indices in zip(scores.tolist(), indices.tolist(), strict=True):
+        ranked = [(classes[i], s) for i, s in zip(row_indices, row_scores, strict=True)]
+        out.append(Prediction(ranked[0][0], ranked[0][1], ranked))
+    return out
+
+
+@dataclass
+class _Request:
+    pixels: torch.Tensor
+    top_k: int
+    answer: asyncio.Future[tuple[int, list[Prediction]]]
+
+
+class ModelServer:
+    """The served model of one API process, its swaps and its batched forward passes."""
+
+    def __init__(self, settings: Settings, ledger: Ledger, metrics: Metrics) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.snapshots = ledger.snapshots
+        self.metrics = metrics
+        self.device = select_device(settings.device)
+        self.current: ServedModel | None = None
+        self.broken: dict[int, str] = {}  # versions that failed to load, and why
+        self.started_at = time.time()
+        self._observed: set[str] = set()  # update sets whose label-to-serve time is recorded
+        self._swap_lock = asyncio.Lock()
+        self._queue: asyncio.Queue[_Request] = asyncio.Queue()
+        # One thread runs every forward pass: the model is never used by two batches at once.
+        self._forward_pool = ThreadPoolExecutor(1, thread_name_prefix="forward")
+        self._decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+        self._transforms: dict[int, object] = {}
+
+    # Swapping --------------------------------------------------------------------------------
+
+    async def refresh(self) -> None:
+        """Serve the version the snapshot pointer names, if this process does not already."""
+        wanted = await asyncio.to_thread(self.snapshots.current)
+        served = self.current.version if self.current else None
+        if wanted is None or wanted == served or wanted in self.broken:
+            return
+        await self.swap(wanted)
+
+    async def swap(self, version: int) -> None:
+        async with self._swap_lock:
+            if self.current is not None and self.current.version == version:
+                return
+            clock = time.perf_counter()
+            try:
+                served = await asyncio.to_thread(load_version, self.snapshots, version, self.device)
+            except Exception as exc:  # any failure keeps the old version serving
+                self.broken[version] = f"{type(exc).__name__}: {exc}"
+                self.metrics.swap_failures.inc()
+                log.exception("could not load version %d; version %s keeps serving", version, self.served_version)
+                return
+            previous = self.served_version
+            self.current = served
+            seconds = time.perf_counter() - clock
+            meta = self.snapshots.meta(version)
+            self.metrics.served(version, len(served.classes), meta.metrics.get("holdout_after"), seconds)
+            self.record_label_to_serve(version)
+            log.info("now serving version %d (%d classes; was %s), loaded in %.2fs", version, len(served.classes), previous, seconds)
+
+    @property
+    def served_version(self) -> int | None:
+        return self.current.version if self.current else None
+
+    def record_label_to_serve(self, version: int) -> None:
+        """Observe, once per update set, the time from storing it to serving a version that includes it."""
+        now = time.time()
+        for meta in self.snapshots.lineage(version):
+            for update_id in meta.update_ids:
+                if update_id in self._observed:
+                    continue
+                self._observed.add(update_id)
+                received_at = self.ledger.samples.get(update_id).received_at
+                if received_at >= self.started_at:  # sets stored before this process started are not its to time
+                    self.metrics.update_duration.observe(now - received_at)
+
+    # Predicting ------------------------------------------------------------------------------
+
+    def transform(self, image_size: int) -> object:
+        if image_size not in self._transforms:
+            self._transforms[image_size] = pixel_transform(image_size)
+        return self._transforms[image_size]
+
+    def prepare(self, data: bytes, name: str, image_size: int) -> torch.Tensor:
+        image = decode_image(data, self.settings.max_image_pixels, name)
+        return to_pixels(image, self.transform(image_size))
+
+    async def prepare_all(self, images: list[tuple[str, bytes]]) -> torch.Tensor:
+        """Decode and preprocess request images in the decode thread pool, off the event loop."""
+        served = self.require_model()
+        loop = asyncio.get_running_loop()
+        pixels = await asyncio.gather(
+            *(loop.run_in_executor(self._decode_pool, self.prepare, data, name, served.image_size) for name, data in images)
+        )
+        return torch.stack(pixels)
+
+    def require_model(self) -> ServedModel:
+        if self.current is None:
+            raise NoModel("no model yet: post a first update set to /updates to create version 1")
+        return self.current
+
+    async def predict(self, pixels: torch.Tensor, top_k: int) -> tuple[int, list[Prediction]]:
+        """Queue a request's images for the batcher; returns the answering version and predictions."""
+        answer = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Request(pixels, top_k, answer))
+        return await answer
+
+    async def run_batches(self) -> None:
+        """The batcher: forever take queued requests, up to max_batch_size images, and run them as one batch."""
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self.gather_batch()
+            served = self.current
+            try:
+                if served is None:  # requests need a model to be prepared, so only after a failed start
+                    raise NoModel("no model loaded")
+                probs = await loop.run_in_executor(
+                    self._forward_pool, self.forward_batch, served, torch.cat([r.pixels for r in batch])
+                )
+            except Exception as exc:
+                log.exception("forward pass failed")
+                for r in batch:
+                    if not r.answer.done():  # the client may have gone away
+                        r.answer.set_exception(exc)
+                continue
+            lo = 0
+            for r in batch:
+                n = len(r.pixels)
+                if not r.answer.done():
+                    r.answer.set_result((served.version, top_predictions(probs[lo : lo + n], served.classes, r.top_k)))
+                lo += n
+
+    async def gather_batch(self) -> list[_Request]:
+        batch = [await self._queue.get()]
+        size = len(batch[0].pixels)
+        deadline = time.monotonic() + self.settings.max_batch_wait_ms / 1000
+        while size < self.settings.max_batch_size:
+            try:
+                if self._queue.empty() and time.monotonic() < deadline:
+                    request = await asyncio.wait_for(self._queue.get(), deadline - time.monotonic())
+                else:
+                    request = self._queue.get_nowait()
+            except (asyncio.QueueEmpty, TimeoutError):
+                break
+            batch.append(request)
+            size += len(request.pixels)
+        return batch
+
+    def forward_batch(self, served: ServedModel, pixels: torch.Tensor) -> torch.Tensor:
+        """Forward in chunks of at most max_batch_size images (one request may bring more)."""
+        step = self.settings.max_batch_size
+        chunks = []
+        for lo in range(0, len(pixels), step):
+            chunk = pixels[lo : lo + step]
+            self.metrics.predict_batch.observe(len(chunk))
+            chunks.append(forward(served, chunk))
+        return torch.cat(chunks)
+
+    def close(self) -> None:
+        self._forward_pool.shutdown(wait=False, cancel_futures=True)
+        self._decode_pool.shutdown(wait=False, cancel_futures=True)
