@@ -6,6 +6,7 @@ import argparse
 import logging
 import random
 import sys
+from pathlib import Path
 
 from app.settings import Settings, get_settings
 
@@ -87,6 +88,16 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    """Stream Fashion-MNIST through an embedded server as an annotator and a client would."""
+    from app.demo import demo_settings, run_demo
+
+    overrides = {"arch": args.arch, "image_size": args.image_size}
+    settings = demo_settings(settings.model_copy(update=overrides), args.home)
+    tally = run_demo(settings, args.data, args.initial_classes, args.new_classes, args.per_class, args.set_size, args.seed)
+    return 0 if tally.failures == 0 and tally.total else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="warmtune",
@@ -100,6 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback only without API keys)")
     serve.add_argument("--port", type=int, default=8000)
 
+    demo = sub.add_parser("demo", help="stream Fashion-MNIST through an embedded server, printing each swap")
+    demo.add_argument("--data", default="fashion-mnist", help="'fashion-mnist' or a folder of class sub-folders")
+    demo.add_argument("--arch", default="resnet18", help="model (CPU-friendly default; alexnet wants a GPU)")
+    demo.add_argument("--image-size", type=int, default=32)
+    demo.add_argument("--initial-classes", type=int, default=3)
+    demo.add_argument("--new-classes", type=int, default=4, help="classes that arrive one by one afterwards")
+    demo.add_argument("--per-class", type=int, default=60, help="training images posted per class")
+    demo.add_argument("--set-size", type=int, default=20, help="images per update set")
+    demo.add_argument("--home", type=Path, default=None, help="WARMTUNE_HOME to use (default: a new temporary one)")
+    demo.add_argument("--seed", type=int, default=0)
+
     sub.add_parser("update", help="apply the pending update sets once")
 
     ingest = sub.add_parser("ingest", help="store update sets from Fashion-MNIST or an image folder")
@@ -111,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"serve": cmd_serve, "update": cmd_update, "ingest": cmd_ingest}
+COMMANDS = {"serve": cmd_serve, "demo": cmd_demo, "update": cmd_update, "ingest": cmd_ingest}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,6 +50,11 @@ class Settings(BaseSettings):
     gate_max_old_drop: float = Field(
         0.05, ge=0, description="Largest drop of holdout accuracy on old data a candidate may show (0.05 = 5 points)."
     )
+    gate_significance_z: float = Field(
+        1.645,
+        ge=0,
+        description="The old-data drop must also be significant on the paired holdout (one-sided z; 0: margin only).",
+    )
     seed: int | None = Field(None, description="Seed for sampling and head init; unset means random.")
     log_every: int = Field(50, ge=1, description="Training logs a line every this many iterations.")
 

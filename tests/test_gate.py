@@ -23,3 +23,21 @@ def test_a_diverged_candidate_is_rejected():
 
 def test_no_old_holdout_means_nothing_to_compare():
     assert judge(scores(None), scores(None), 0.1, 0.05).passed
+
+
+def paired(hits: list[bool]) -> HoldoutScores:
+    return HoldoutScores(old=sum(hits) / len(hits), new=0.5, all=None, n_old=len(hits), n_new=10, old_hits=tuple(hits))
+
+
+def test_a_drop_within_the_noise_of_a_small_holdout_passes():
+    before = paired([True] * 30 + [False] * 3)
+    after = paired([False, False, False] + [True] * 27 + [True, False, False])  # 3 lost, 1 won: 6 points
+    verdict = judge(before, after, 0.3, 0.05, significance_z=1.645)
+    assert verdict.passed and "3 lost, 1 won of 33" in verdict.reason
+    assert not judge(before, after, 0.3, 0.05, significance_z=0).passed  # the margin alone rejects it
+
+
+def test_a_consistent_loss_is_rejected_even_when_checked_for_noise():
+    before = paired([True] * 11)
+    after = paired([False] * 4 + [True] * 7)  # 4 lost, none won
+    assert not judge(before, after, 0.3, 0.05, significance_z=1.645).passed

@@ -154,7 +154,7 @@ def apply_step(settings: Settings, ledger: Ledger, pending: list[UpdateSet], loc
 
     clock = time.perf_counter()
     after = holdout_scores(model, data.old_holdout, data.new_holdout, device)
-    verdict = judge(before, after, stats.loss, settings.gate_max_old_drop)
+    verdict = judge(before, after, stats.loss, settings.gate_max_old_drop, settings.gate_significance_z)
     metrics: dict[str, Any] = {
         "iterations": stats.iterations,
         "loss": stats.loss,

@@ -133,6 +133,7 @@ class Accuracy:
 
     correct: dict[str, int] = field(default_factory=dict)
     total: dict[str, int] = field(default_factory=dict)
+    hits: list[bool] = field(default_factory=list)  # per sample, in order
 
     def score(self, labels: Iterable[str] | None = None) -> float | None:
         """Accuracy over the given labels (all by default); None when there is no sample of them."""
@@ -160,7 +161,7 @@ def predict_labels(model: nn.Module, samples: SampleTensors, device: torch.devic
 def evaluate(model: nn.Module, samples: SampleTensors, device: torch.device) -> Accuracy:
     """Accuracy of the model on labelled samples, per label."""
     hits = (predict_labels(model, samples, device) == samples.targets).tolist()
-    acc = Accuracy()
+    acc = Accuracy(hits=[bool(h) for h in hits])
     for label, hit in zip(samples.labels, hits, strict=True):
         acc.total[label] = acc.total.get(label, 0) + 1
         acc.correct[label] = acc.correct.get(label, 0) + int(hit)
