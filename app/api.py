@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from app.errors import WarmtuneError
 from app.ledger import Ledger
 from app.metrics import Metrics
-from app.queue import EmbeddedQueue, UpdateQueue
+from app.queue import EmbeddedQueue, RedisQueue, UpdateQueue
 from app.routes import models, ops, predict, updates
 from app.serving import ModelServer
 from app.settings import Settings, get_settings
@@ -24,22 +24,26 @@ log = logging.getLogger(__name__)
 
 
 def make_queue(settings: Settings, server: ModelServer, loop: asyncio.AbstractEventLoop) -> UpdateQueue:
-    """Embedded worker thread without Redis; RQ with it. Either way a finished step triggers a refresh."""
+    """Embedded worker thread without Redis; RQ with it. Either way a new version triggers a refresh."""
 
     def refresh_soon() -> None:
         asyncio.run_coroutine_threadsafe(server.refresh(), loop)
 
+    if settings.redis_url:
+        return RedisQueue(settings, on_announce=refresh_soon)
     return EmbeddedQueue(settings, on_step=refresh_soon)
 
 
-async def poll_pointer(server: ModelServer, interval_s: float) -> None:
-    """Converge on the snapshot pointer even when a swap announcement was missed."""
+async def poll(server: ModelServer, queue: UpdateQueue, ledger: Ledger, interval_s: float) -> None:
+    """Converge on the snapshot pointer even when an announcement was missed, and leave no set unqueued."""
     while True:
         await asyncio.sleep(interval_s)
         try:
             await server.refresh()
+            pending = len(await asyncio.to_thread(ledger.pending))
+            await asyncio.to_thread(queue.reconcile, pending)
         except Exception:
-            log.exception("checking the snapshot pointer failed")
+            log.exception("polling the stores failed")
 
 
 @asynccontextmanager
@@ -50,7 +54,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await state.server.refresh()  # a restarted replica serves at once
     tasks = [
         asyncio.create_task(state.server.run_batches(), name="batcher"),
-        asyncio.create_task(poll_pointer(state.server, state.settings.poll_interval_s), name="poller"),
+        asyncio.create_task(poll(state.server, state.queue, state.ledger, state.settings.poll_interval_s), name="poller"),
     ]
     state.queue.start()
     log.info("serving version %s; updates run %s", state.server.served_version, type(state.queue).__name__)

@@ -88,6 +88,17 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    """Run an RQ worker for update jobs (distributed mode)."""
+    from app.queue import run_rq_worker
+
+    if not settings.redis_url:
+        print("warmtune worker needs WARMTUNE_REDIS_URL (without it, `warmtune serve` runs updates itself)")
+        return 2
+    run_rq_worker(settings)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     """Stream Fashion-MNIST through an embedded server as an annotator and a client would."""
     from app.demo import demo_settings, run_demo
@@ -111,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback only without API keys)")
     serve.add_argument("--port", type=int, default=8000)
 
+    sub.add_parser("worker", help="run an RQ worker for update jobs (needs WARMTUNE_REDIS_URL)")
+
     demo = sub.add_parser("demo", help="stream Fashion-MNIST through an embedded server, printing each swap")
     demo.add_argument("--data", default="fashion-mnist", help="'fashion-mnist' or a folder of class sub-folders")
     demo.add_argument("--arch", default="resnet18", help="model (CPU-friendly default; alexnet wants a GPU)")
@@ -133,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"serve": cmd_serve, "demo": cmd_demo, "update": cmd_update, "ingest": cmd_ingest}
+COMMANDS = {"serve": cmd_serve, "worker": cmd_worker, "demo": cmd_demo, "update": cmd_update, "ingest": cmd_ingest}
 
 
 def main(argv: list[str] | None = None) -> int:

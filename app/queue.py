@@ -6,8 +6,13 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Protocol
+
+import redis
+from redis.exceptions import RedisError
+from rq import Queue
 
 from app.settings import Settings
 
@@ -22,6 +27,9 @@ class UpdateQueue(Protocol):
 
     def announce(self, version: int) -> None:
         """Tell every API replica that the current version changed (after a promote)."""
+
+    def reconcile(self, pending: int) -> None:
+        """Called on every poll with the number of pending sets: make sure none is forgotten."""
 
     def stop(self) -> None: ...
 
@@ -49,6 +57,10 @@ class EmbeddedQueue:
     def announce(self, version: int) -> None:
         """One process, nothing to tell: the promote already swapped it."""
 
+    def reconcile(self, pending: int) -> None:
+        if pending:
+            self._wake.set()
+
     def stop(self) -> None:
         self._stopping.set()
         self._wake.set()
@@ -58,8 +70,7 @@ class EmbeddedQueue:
         from worker.jobs import apply_pending_updates  # the worker imports app, not the other way at import time
 
         while True:
-            # Also wake now and then, so sets left by a job that failed outright are retried.
-            self._wake.wait(timeout=60)
+            self._wake.wait()
             if self._stopping.is_set():
                 return
             self._wake.clear()
@@ -67,3 +78,100 @@ class EmbeddedQueue:
                 apply_pending_updates(self.settings, on_step=lambda _result: self.on_step())
             except Exception:  # the thread must outlive any one job; the sets stay pending
                 log.exception("update job failed; its update sets stay queued")
+
+
+def queued_key(settings: Settings) -> str:
+    """Set while an update job waits in the queue: at most one waits, and it takes every pending set."""
+    return f"{settings.queue_name}:job-queued"
+
+
+def swap_channel(settings: Settings) -> str:
+    return f"{settings.queue_name}:swaps"
+
+
+def enqueue_update_job(connection: redis.Redis, settings: Settings) -> bool:
+    """Queue one update job unless one is already waiting; True if this call queued it."""
+    if not connection.set(queued_key(settings), "1", nx=True, ex=settings.job_timeout_s):
+        return False
+    Queue(settings.queue_name, connection=connection).enqueue(
+        "worker.jobs.run_update_job", job_timeout=settings.job_timeout_s, failure_ttl=7 * 24 * 3600
+    )
+    return True
+
+
+def announce_swap(connection: redis.Redis, settings: Settings, version: int) -> None:
+    connection.publish(swap_channel(settings), str(version))
+
+
+def run_rq_worker(settings: Settings) -> None:
+    """An RQ worker for update jobs, queueing one first if sets are pending; survives Redis outages.
+
+    SimpleWorker runs each job in this process: no fork, so a CUDA context stays valid, and a
+    SIGKILL stops the job together with its worker.
+    """
+    from rq import SimpleWorker
+
+    from app.ledger import Ledger
+
+    connection = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2)
+    while True:
+        try:
+            if Ledger(settings).pending():
+                enqueue_update_job(connection, settings)
+            SimpleWorker([settings.queue_name], connection=connection).work(with_scheduler=False)
+            return
+        except RedisError as exc:
+            log.warning("Redis unreachable (%s); retrying in %.0fs", exc, settings.poll_interval_s)
+            time.sleep(settings.poll_interval_s)
+
+
+class RedisQueue:
+    """Update jobs on RQ, swap announcements over Redis pub/sub.
+
+    A Redis outage never loses an update set: it is stored before the queue is touched, and
+    reconcile(), which the API runs on every poll, queues a job for whatever is pending once
+    Redis answers again (also after a worker died mid-job and its lease ran out).
+    """
+
+    def __init__(self, settings: Settings, on_announce: Callable[[], None]) -> None:
+        self.settings = settings
+        self.on_announce = on_announce
+        self.connection = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
+        self._stopping = threading.Event()
+        self._listener = threading.Thread(target=self._listen, name="swap-listener", daemon=True)
+
+    def start(self) -> None:
+        self._listener.start()
+
+    def submit(self) -> None:
+        try:
+            enqueue_update_job(self.connection, self.settings)
+        except RedisError as exc:
+            log.warning("Redis unreachable (%s): the update set is stored and will be queued when it answers", exc)
+
+    def reconcile(self, pending: int) -> None:
+        """Queue a job for sets stored while Redis was down or left by a dead worker."""
+        if pending:
+            self.submit()
+
+    def announce(self, version: int) -> None:
+        try:
+            announce_swap(self.connection, self.settings, version)
+        except RedisError as exc:  # the other replicas' pointer polling converges anyway
+            log.warning("could not announce version %d: %s", version, exc)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def _listen(self) -> None:
+        """Refresh on every swap announcement; reconnect after Redis errors."""
+        while not self._stopping.is_set():
+            try:
+                pubsub = self.connection.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(swap_channel(self.settings))
+                while not self._stopping.is_set():
+                    if pubsub.get_message(timeout=1.0) is not None:
+                        self.on_announce()
+            except RedisError as exc:
+                log.warning("swap announcements interrupted (%s); pointer polling covers the gap", exc)
+                self._stopping.wait(self.settings.poll_interval_s)
