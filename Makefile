@@ -39,7 +39,8 @@ demo: install
 	$(BIN)/warmtune demo
 
 bench: install
-	$(BIN)/warmtune bench
+	$(BIN)/warmtune bench update-step --arch resnet18 --image-size 32
+	$(BIN)/warmtune bench predict
 
 experiment: install
 	$(BIN)/warmtune experiment --study all --quick

@@ -99,6 +99,17 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+BENCHMARKS = {"update-step": "bench.update_step", "predict": "bench.predict"}
+
+
+def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
+    """Run a benchmark module from bench/; its own flags follow the benchmark's name."""
+    import importlib
+
+    importlib.import_module(BENCHMARKS[args.name]).main(args.bench_args)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     """Stream Fashion-MNIST through an embedded server as an annotator and a client would."""
     from app.demo import demo_settings, run_demo
@@ -135,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--home", type=Path, default=None, help="WARMTUNE_HOME to use (default: a new temporary one)")
     demo.add_argument("--seed", type=int, default=0)
 
+    bench = sub.add_parser("bench", help="run a benchmark: update-step or predict (add --help after its name)")
+    bench.add_argument("name", choices=sorted(BENCHMARKS))
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="the benchmark's own flags")
+
     sub.add_parser("update", help="apply the pending update sets once")
 
     ingest = sub.add_parser("ingest", help="store update sets from Fashion-MNIST or an image folder")
@@ -146,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"serve": cmd_serve, "worker": cmd_worker, "demo": cmd_demo, "update": cmd_update, "ingest": cmd_ingest}
+COMMANDS = {"serve": cmd_serve, "worker": cmd_worker, "demo": cmd_demo, "bench": cmd_bench, "update": cmd_update, "ingest": cmd_ingest}
 
 
 def main(argv: list[str] | None = None) -> int:
