@@ -10,26 +10,12 @@ from pydantic import BaseModel
 
 from app.auth import require
 from app.errors import InvalidParameter
-from app.routes.uploads import read_images
+from app.routes.uploads import IMAGE_FILES, multipart_body, read_images
 from app.serving import Prediction
 
 router = APIRouter(tags=["predict"])
 
-IMAGES_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {"images": {"type": "array", "items": {"type": "string", "format": "binary"}}},
-                    "required": ["images"],
-                }
-            },
-            "image/*": {"schema": {"type": "string", "format": "binary"}},
-        },
-    }
-}
+IMAGES_BODY = multipart_body({"images": IMAGE_FILES}, **{"image/*": {"schema": {"type": "string", "format": "binary"}}})
 
 
 class LabelScore(BaseModel):

@@ -11,27 +11,13 @@ from pydantic import BaseModel
 from app.auth import require
 from app.errors import MalformedRequest
 from app.ledger import Status
-from app.routes.uploads import read_files, read_form
+from app.routes.uploads import IMAGE_FILES, multipart_body, read_files, read_form
 
 router = APIRouter(tags=["updates"])
 
-UPDATE_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {
-                        "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                        "labels": {"type": "array", "items": {"type": "string"}, "description": "One per image, in order."},
-                    },
-                    "required": ["images", "labels"],
-                }
-            }
-        },
-    }
-}
+UPDATE_BODY = multipart_body(
+    {"images": IMAGE_FILES, "labels": {"type": "array", "items": {"type": "string"}, "description": "One per image, in order."}}
+)
 
 
 class UpdateAccepted(BaseModel):

@@ -12,6 +12,15 @@ from app.errors import MalformedRequest, TooLarge, UnsupportedMediaType
 from app.settings import Settings
 
 
+IMAGE_FILES = {"type": "array", "items": {"type": "string", "format": "binary"}}
+
+
+def multipart_body(properties: dict, **other_content: dict) -> dict:
+    """openapi_extra documenting a multipart request body (FastAPI cannot infer it: we parse it ourselves)."""
+    form = {"schema": {"type": "object", "properties": properties, "required": list(properties)}}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": form, **other_content}}}
+
+
 def content_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
