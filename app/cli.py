@@ -99,6 +99,27 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_experiment(args: argparse.Namespace, settings: Settings) -> int:
+    """Reproduce the paper's studies on real data with the update engine; results go to --out."""
+    from dataclasses import replace
+
+    from app.datasets import load_source
+    from worker.experiment import QUICK, STUDIES, Protocol, run_experiment
+
+    from app.model import select_device
+
+    device = str(select_device(settings.device))
+    protocol = Protocol(arch=args.arch, image_size=args.image_size, seed=args.seed, device=device)
+    if args.quick:
+        protocol = replace(protocol, **QUICK)
+    given = {k: v for k, v in vars(args).items() if k in Protocol.__dataclass_fields__ and v is not None}
+    protocol = replace(protocol, **given)
+    studies = list(STUDIES) if args.study == "all" else [args.study]
+    run_experiment(load_source(args.data, "train"), load_source(args.data, "test"), protocol, studies, args.out)
+    print(f"wrote {args.out}/results.csv, results.md and {', '.join(s + '.png' for s in studies)}")
+    return 0
+
+
 BENCHMARKS = {"update-step": "bench.update_step", "predict": "bench.predict"}
 
 
@@ -150,6 +171,23 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("name", choices=sorted(BENCHMARKS))
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="the benchmark's own flags")
 
+    exp = sub.add_parser("experiment", help="reproduce the paper's studies on Fashion-MNIST (or an image folder)")
+    exp.add_argument("--study", default="all", choices=["all", "iterations", "lambda", "noise", "gate", "head", "baselines"])
+    exp.add_argument("--repeats", type=int, default=None, help="repetitions (default 3; 1 with --quick)")
+    exp.add_argument("--arch", default="resnet18")
+    exp.add_argument("--image-size", type=int, default=32)
+    exp.add_argument("--quick", action="store_true", help="1 repetition, fewer images: under 20 minutes on 2 cores")
+    exp.add_argument("--data", default="fashion-mnist", help="'fashion-mnist' or a folder of class sub-folders")
+    exp.add_argument("--out", type=Path, default=Path("experiments"))
+    exp.add_argument("--seed", type=int, default=0)
+    exp.add_argument("--initial-classes", type=int, default=None)
+    exp.add_argument("--new-classes", type=int, default=None)
+    exp.add_argument("--initial-per-class", type=int, default=None)
+    exp.add_argument("--initial-iterations", type=int, default=None)
+    exp.add_argument("--sets-per-class", type=int, default=None)
+    exp.add_argument("--set-size", type=int, default=None)
+    exp.add_argument("--eval-per-class", type=int, default=None)
+
     sub.add_parser("update", help="apply the pending update sets once")
 
     ingest = sub.add_parser("ingest", help="store update sets from Fashion-MNIST or an image folder")
@@ -161,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"serve": cmd_serve, "worker": cmd_worker, "demo": cmd_demo, "bench": cmd_bench, "update": cmd_update, "ingest": cmd_ingest}
+COMMANDS = {"serve": cmd_serve, "worker": cmd_worker, "demo": cmd_demo, "bench": cmd_bench, "experiment": cmd_experiment, "update": cmd_update, "ingest": cmd_ingest}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,61 @@
+"""`warmtune experiment` end to end at a tiny size on generated images: CSV, plots and table agree."""
+
+from __future__ import annotations
+
+import csv
+import random
+import re
+import statistics
+from pathlib import Path
+
+from imagegen import COLOURS, make_image
+
+from app.datasets import image_folder
+from worker.experiment import STUDIES, Protocol, run_experiment
+
+TINY = Protocol(
+    arch="resnet18", image_size=16, repeats=2, initial_classes=2, new_classes=2, initial_per_class=6,
+    initial_iterations=4, set_size=4, sets_per_class=2, eval_per_class=3, device="cpu",
+)
+
+
+def image_tree(root: Path, per_class: int = 20) -> Path:
+    rng = random.Random(0)
+    for colour in list(COLOURS)[:4]:
+        (root / colour).mkdir(parents=True)
+        for i in range(per_class):
+            (root / colour / f"{i}.png").write_bytes(make_image(colour, rng, size=16))
+    return root
+
+
+def test_experiment_writes_consistent_csv_plots_and_table(tmp_path: Path):
+    data = image_folder(image_tree(tmp_path / "images"))
+    out = tmp_path / "out"
+    run_experiment(data, data, TINY, ["noise", "gate"], out)
+
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    steps = TINY.new_classes * TINY.sets_per_class
+    settings = STUDIES["noise"] + STUDIES["gate"]
+    assert len(rows) == len(settings) * TINY.repeats * (steps + 1)
+    assert {r["step"] for r in rows} == {str(s) for s in range(steps + 1)}
+    assert all(0 <= float(r["accuracy"]) <= 1 for r in rows)
+    assert {r["known_classes"] for r in rows if r["step"] == str(steps)} == {"4"}
+
+    # settings that are the same run appear in both studies with the same numbers
+    def series(study: str, setting: str) -> list[str]:
+        return [r["accuracy"] for r in rows if r["study"] == study and r["setting"] == setting]
+
+    assert series("noise", "30% noise") == series("gate", "30% noise, gate off")
+
+    table = (out / "results.md").read_text()
+    for study in ("noise", "gate"):
+        png = (out / f"{study}.png").read_bytes()
+        assert png.startswith(b"\x89PNG") and len(png) > 10_000
+        for setting in STUDIES[study]:
+            final = [float(r["accuracy"]) for r in rows if r["study"] == study and r["setting"] == setting.name and r["step"] == str(steps)]
+            line = next(l for l in table.splitlines() if l.startswith(f"| {setting.name} |"))
+            assert re.search(rf"\| {statistics.fmean(final):.3f} ± {statistics.pstdev(final):.3f} \|", line), line
+    gate_on = next(l for l in table.splitlines() if l.startswith("| 30% noise, gate on |"))
+    rejected = sum(r["status"] == "rejected" for r in rows if r["setting"] == "30% noise, gate on") / TINY.repeats
+    assert f"{rejected:.1f} of {steps} |" in gate_on

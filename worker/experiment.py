@@ -1,0 +1,350 @@
+"""`warmtune experiment`: the studies of Käding et al. (ACCV 2016 workshops) on Fashion-MNIST,
+run through the service's own update engine.
+
+Per repetition: a random split of the ten classes into five initial and five new ones. The
+initial classes are learned first (version 1, from the base weights); then each new class
+arrives, one after the other, in update sets of |U_t| = 10 images, each set one call of
+apply_pending_updates(), the function the service's workers run. After every step the served
+version is scored on official test images of the classes introduced so far. Every setting of
+a repetition starts from a copy of the same initial version and sees the same update sets.
+
+Studies: iterations per update, the old/new ratio λ, label noise, the promotion gate (beyond
+the paper), the head initialisation of new classes (beyond the paper), and the baselines:
+joint training on everything seen so far (upper bound) and λ = 0 (lower bound).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import random
+import shutil
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from app.datasets import LabelledImages
+from app.images import decode_image, pixel_transform, to_model_input, to_pixels
+from app.ledger import Ledger
+from app.model import model_from_state, select_device
+from app.settings import Settings
+from worker.jobs import apply_pending_updates
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One way of running the update stream."""
+
+    name: str
+    iterations: str = "update-size"
+    replay_lambda: float = 0.75
+    noise: float = 0.0
+    gate: bool = False
+    head_init: str = "mean"
+    joint: bool = False
+
+    @property
+    def run_key(self) -> tuple:
+        """Settings with the same key are the same run, computed once and reported in every study."""
+        return (self.iterations, self.replay_lambda, self.noise, self.gate, self.head_init, self.joint)
+
+
+STUDIES: dict[str, list[Setting]] = {
+    "iterations": [
+        Setting("1 epoch", iterations="epochs:1"),
+        Setting("1/2 epoch", iterations="epochs:0.5"),
+        Setting("1/4 epoch", iterations="epochs:0.25"),
+        Setting("1/10 epoch", iterations="epochs:0.1"),
+        Setting("update-size iterations (10)"),
+    ],
+    "lambda": [Setting(f"λ = {lam:g}", replay_lambda=lam) for lam in (0.0, 0.25, 0.5, 0.75, 1.0)],
+    "noise": [Setting(f"{noise:.0%} noise", noise=noise) for noise in (0.0, 0.1, 0.2, 0.3)],
+    "gate": [Setting("30% noise, gate off", noise=0.3), Setting("30% noise, gate on", noise=0.3, gate=True)],
+    "head": [Setting("new rows: mean of old"), Setting("new rows: random init", head_init="random")],
+    "baselines": [
+        Setting("joint training (upper bound)", iterations="epochs:1", joint=True),
+        Setting("λ = 0.75, update-size iterations (default)"),
+        Setting("λ = 0, naive fine-tuning (lower bound)", replay_lambda=0.0),
+    ],
+}
+
+
+@dataclass(frozen=True)
+class Protocol:
+    arch: str = "resnet18"
+    image_size: int = 32
+    repeats: int = 3
+    initial_classes: int = 5
+    new_classes: int = 5
+    initial_per_class: int = 200
+    initial_iterations: int = 300
+    set_size: int = 10
+    sets_per_class: int = 10
+    eval_per_class: int = 100
+    seed: int = 0
+    device: str = "cpu"
+
+
+QUICK = {"repeats": 1, "initial_per_class": 100, "initial_iterations": 150, "sets_per_class": 5, "eval_per_class": 50}
+
+
+@dataclass
+class Row:
+    study: str
+    setting: str
+    repeat: int
+    step: int
+    new_class: str
+    known_classes: int
+    accuracy: float
+    version: int
+    status: str
+    iterations: int
+    train_seconds: float
+
+
+@dataclass(frozen=True)
+class Stream:
+    """What one repetition feeds every setting: the split, the update sets and the test images."""
+
+    initial: list[str]
+    new: list[str]
+    initial_images: list[tuple[bytes, str]]
+    update_sets: list[tuple[str, list[bytes]]]  # (class, images), in arrival order
+    noise_pool: dict[str, list[bytes]]  # per class, images of the other classes to corrupt its sets with
+    test: dict[str, torch.Tensor]  # per class, preprocessed test pixels
+
+
+def engine_settings(home: Path, protocol: Protocol, repeat: int, setting: Setting) -> Settings:
+    return Settings(
+        home=home,
+        arch=protocol.arch,
+        image_size=protocol.image_size,
+        device=protocol.device,
+        seed=protocol.seed + repeat,
+        iterations=setting.iterations,
+        replay_lambda=setting.replay_lambda,
+        head_init=setting.head_init,  # type: ignore[arg-type]
+        gate_max_old_drop=0.05 if setting.gate else 1.0,  # 1.0 can never be exceeded: the paper has no gate
+        log_every=10**9,
+    )
+
+
+def preprocess(images: list[bytes], image_size: int) -> torch.Tensor:
+    transform = pixel_transform(image_size)
+    return torch.stack([to_pixels(decode_image(data, 2**62), transform) for data in images])
+
+
+def make_stream(train: LabelledImages, test: LabelledImages, protocol: Protocol, repeat: int) -> Stream:
+    rng = random.Random(protocol.seed * 1000 + repeat)
+    classes = rng.sample(train.classes, protocol.initial_classes + protocol.new_classes)
+    initial, new = classes[: protocol.initial_classes], classes[protocol.initial_classes :]
+    initial_images = [(image, c) for c in initial for image in train.take(c, protocol.initial_per_class, rng)]
+    per_class = protocol.set_size * protocol.sets_per_class
+    update_sets = []
+    for c in new:
+        images = train.take(c, per_class, rng)
+        update_sets += [(c, images[i : i + protocol.set_size]) for i in range(0, len(images), protocol.set_size)]
+    noise_size = max(1, round(0.3 * protocol.set_size)) * protocol.sets_per_class
+    noise_pool = {c: [train.take(rng.choice([o for o in classes if o != c]), 1, rng)[0] for _ in range(noise_size)] for c in new}
+    test_pixels = {c: preprocess(test.take(c, protocol.eval_per_class, rng), protocol.image_size) for c in classes}
+    return Stream(initial, new, initial_images, update_sets, noise_pool, test_pixels)
+
+
+def corrupt(images: list[bytes], noise: float, pool: list[bytes], offset: int) -> list[bytes]:
+    """The paper's label noise: a share of the set replaced by images of other classes, labels kept."""
+    k = round(noise * len(images))
+    return [pool[(offset + i) % len(pool)] for i in range(k)] + images[k:]
+
+
+@torch.no_grad()
+def test_accuracy(ledger: Ledger, classes: list[str], test: dict[str, torch.Tensor], device: torch.device) -> float:
+    """Accuracy of the current version on test images of the given classes (one it lacks counts wrong)."""
+    meta = ledger.snapshots.meta(ledger.snapshots.current())
+    model = model_from_state(meta.arch, ledger.snapshots.weights(meta.version)).to(device).eval()
+    index = {c: i for i, c in enumerate(meta.classes)}
+    correct = total = 0
+    for c in classes:
+        predicted = model(to_model_input(test[c], device)).argmax(dim=1).cpu()
+        correct += int((predicted == index.get(c, -1)).sum())
+        total += len(predicted)
+    return correct / total
+
+
+def initial_version(stream: Stream, protocol: Protocol, repeat: int, home: Path) -> float:
+    """Learn the initial classes from the base weights: version 1, shared by every setting."""
+    settings = engine_settings(home, protocol, repeat, Setting("initial", iterations=str(protocol.initial_iterations)))
+    ledger = Ledger(settings)
+    ledger.samples.add([i for i, _ in stream.initial_images], [c for _, c in stream.initial_images])
+    [result] = apply_pending_updates(settings)
+    assert result.status == "applied", result
+    return test_accuracy(ledger, stream.initial, stream.test, select_device(protocol.device))
+
+
+def run_setting(
+    stream: Stream, protocol: Protocol, repeat: int, setting: Setting, home: Path, start_accuracy: float, bar: tqdm
+) -> list[Row]:
+    """Feed the repetition's update sets one step at a time; one row per step (step 0: the initial version)."""
+    device = select_device(protocol.device)
+    ledger = Ledger(engine_settings(home, protocol, repeat, setting))
+    rows = [Row("", setting.name, repeat, 0, "", len(stream.initial), start_accuracy, 1, "initial", 0, 0.0)]
+    known = list(stream.initial)
+    seen = {"old": len(stream.initial_images), "new": 0}
+    for step, (label, images) in enumerate(stream.update_sets, start=1):
+        if label not in known:
+            known.append(label)
+        images = corrupt(images, setting.noise, stream.noise_pool[label], step * len(images))
+        current = ledger.snapshots.meta(ledger.snapshots.current())
+        ledger.samples.add(images, [label] * len(images), known_classes=current.classes)
+        settings = engine_settings(home, protocol, repeat, setting)
+        if setting.joint:  # uniform over everything seen so far: old data in proportion to its size
+            settings = settings.model_copy(update={"replay_lambda": seen["old"] / (seen["old"] + len(images))})
+        [result] = apply_pending_updates(settings)
+        seen["old"] += len(images) if result.status == "applied" else 0
+        accuracy = test_accuracy(ledger, known, stream.test, device)
+        rows.append(
+            Row(
+                "", setting.name, repeat, step, label, len(known), accuracy, ledger.snapshots.current(), result.status,
+                result.metrics.get("iterations", 0), result.metrics.get("train_seconds", 0.0),
+            )
+        )
+        bar.update(1)
+    return rows
+
+
+def run_experiment(
+    train: LabelledImages, test: LabelledImages, protocol: Protocol, studies: list[str], out: Path
+) -> list[Row]:
+    """Run every setting of the studies for every repetition, write CSV, plots and table to out."""
+    for logger in ("worker", "app", "matplotlib"):  # the progress bar and the per-run lines say enough
+        logging.getLogger(logger).setLevel(logging.ERROR)
+    runs: dict[tuple, Setting] = {}
+    for study in studies:
+        for setting in STUDIES[study]:
+            runs.setdefault(setting.run_key, setting)
+    steps = protocol.new_classes * protocol.sets_per_class
+    started = time.time()
+    by_key: dict[tuple, list[Row]] = defaultdict(list)
+    with tempfile.TemporaryDirectory(prefix="warmtune-experiment-") as scratch, tqdm(
+        total=protocol.repeats * len(runs) * steps, unit="step"
+    ) as bar:
+        for repeat in range(protocol.repeats):
+            stream = make_stream(train, test, protocol, repeat)
+            initial_home = Path(scratch) / f"initial-{repeat}"
+            start_accuracy = initial_version(stream, protocol, repeat, initial_home)
+            bar.write(f"repeat {repeat}: initial {', '.join(stream.initial)} -> test accuracy {start_accuracy:.3f}; "
+                      f"new {', '.join(stream.new)}")
+            for key, setting in runs.items():
+                home = Path(scratch) / "run"
+                shutil.copytree(initial_home, home)
+                rows = run_setting(stream, protocol, repeat, setting, home, start_accuracy, bar)
+                shutil.rmtree(home)
+                by_key[key] += rows
+                bar.write(f"  {setting.name:45} final {rows[-1].accuracy:.3f}")
+            # Written after every repetition, so a long run that is cut short still leaves results.
+            rows = write_results(by_key, studies, replace(protocol, repeats=repeat + 1), out, time.time() - started)
+    return rows
+
+
+def write_results(by_key: dict[tuple, list[Row]], studies: list[str], protocol: Protocol, out: Path, seconds: float) -> list[Row]:
+    rows = [
+        replace(row, study=study, setting=setting.name)
+        for study in studies
+        for setting in STUDIES[study]
+        for row in by_key[setting.run_key]
+    ]
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, out / "results.csv")
+    for study in studies:
+        plot_study(rows, study, protocol, out / f"{study}.png")
+    (out / "results.md").write_text(results_table(rows, studies, protocol, seconds))
+    return rows
+
+
+def write_csv(rows: list[Row], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in rows)
+
+
+def curves(rows: list[Row], study: str) -> dict[str, dict[int, list[float]]]:
+    """Per setting of a study: accuracy per step, one value per repetition."""
+    out: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r.study == study:
+            out[r.setting][r.step].append(r.accuracy)
+    return out
+
+
+def plot_study(rows: list[Row], study: str, protocol: Protocol, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for setting, per_step in curves(rows, study).items():
+        steps = sorted(per_step)
+        mean = [statistics.fmean(per_step[s]) for s in steps]
+        std = [statistics.pstdev(per_step[s]) for s in steps]
+        ax.plot(steps, mean, label=setting)
+        ax.fill_between(steps, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)], alpha=0.2)
+    for k in range(1, protocol.new_classes):
+        ax.axvline(k * protocol.sets_per_class + 0.5, color="grey", lw=0.5, ls=":")
+    ax.set_xlabel(f"update step (|U_t| = {protocol.set_size}; a new class every {protocol.sets_per_class} steps)")
+    ax.set_ylabel("test accuracy on the classes known so far")
+    ax.set_title(f"{study}: {protocol.arch} at {protocol.image_size}px, mean ± std over {protocol.repeats} repetition(s)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def mean_std(values: list[float]) -> str:
+    return f"{statistics.fmean(values):.3f} ± {statistics.pstdev(values):.3f}"
+
+
+def largest_served_drop(run: list[Row]) -> float:
+    """Largest fall of test accuracy from one served version to the next."""
+    drops = [a.accuracy - b.accuracy for a, b in zip(run, run[1:]) if b.version != a.version]
+    return max(drops, default=0.0)
+
+
+def results_table(rows: list[Row], studies: list[str], protocol: Protocol, seconds: float) -> str:
+    lines = [
+        "# Results",
+        "",
+        f"{protocol.arch} at {protocol.image_size} px, {protocol.repeats} repetition(s), seed {protocol.seed}; "
+        f"{protocol.initial_classes} initial classes ({protocol.initial_per_class} images each, "
+        f"{protocol.initial_iterations} iterations), then {protocol.new_classes} new classes in "
+        f"{protocol.sets_per_class} update sets of {protocol.set_size}; accuracy on {protocol.eval_per_class} test "
+        f"images per known class; {seconds / 60:.0f} minutes.",
+        "",
+        "Final: after the last step. Mean: over all update steps. Both mean ± std over repetitions.",
+    ]
+    for study in studies:
+        lines += ["", f"## {study}", ""]
+        gate = study == "gate"
+        header = "| setting | final accuracy | mean accuracy |" + (" largest drop between served versions | rejected updates |" if gate else "")
+        lines += [header, "|" + " --- |" * (5 if gate else 3)]
+        for setting in STUDIES[study]:
+            runs = [[r for r in rows if r.study == study and r.setting == setting.name and r.repeat == k] for k in range(protocol.repeats)]
+            final = [run[-1].accuracy for run in runs]
+            mean = [statistics.fmean(r.accuracy for r in run[1:]) for run in runs]
+            line = f"| {setting.name} | {mean_std(final)} | {mean_std(mean)} |"
+            if gate:
+                drops = [largest_served_drop(run) for run in runs]
+                rejected = [sum(r.status == "rejected" for r in run) for run in runs]
+                line += f" {mean_std(drops)} | {statistics.fmean(rejected):.1f} of {len(runs[0]) - 1} |"
+            lines.append(line)
+    return "\n".join(lines) + "\n"
