@@ -14,6 +14,7 @@ import random
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,7 +86,9 @@ def run_client(url: str, test: LabelledImages, stop: threading.Event, tally: Tal
                 known[version] = classes_of(client, version)
 
 
-def update_sets(train: LabelledImages, plan: list[list[str]], set_size: int, per_class: int, rng: random.Random):
+def update_sets(
+    train: LabelledImages, plan: list[list[str]], set_size: int, per_class: int, rng: random.Random
+) -> Iterator[tuple[list[str], list[bytes], list[str]]]:
     """The annotator's work: for each stage of the plan, that stage's classes in sets of set_size images."""
     for stage in plan:
         pairs = [(image, label) for label in stage for image in train.take(label, per_class, rng)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import random
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -41,3 +42,13 @@ def poisoned_set(image_class: str, label: str, count: int, seed: int = 0, size: 
     """Images of one class all labelled as another."""
     rng = random.Random(seed)
     return [make_image(image_class, rng, size) for _ in range(count)], [label] * count
+
+
+def image_tree(root: Path, classes: int = 4, per_class: int = 20, size: int = 16) -> Path:
+    """A folder of class sub-folders of generated PNGs (torchvision's ImageFolder layout)."""
+    rng = random.Random(0)
+    for colour in list(COLOURS)[:classes]:
+        (root / colour).mkdir(parents=True)
+        for i in range(per_class):
+            (root / colour / f"{i}.png").write_bytes(make_image(colour, rng, size=size))
+    return root

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import csv
-import random
 import re
 import statistics
 from pathlib import Path
 
-from imagegen import COLOURS, make_image
+from imagegen import image_tree
 
 from app.datasets import image_folder
 from worker.experiment import STUDIES, Protocol, run_experiment
@@ -17,15 +16,6 @@ TINY = Protocol(
     arch="resnet18", image_size=16, repeats=2, initial_classes=2, new_classes=2, initial_per_class=6,
     initial_iterations=4, set_size=4, sets_per_class=2, eval_per_class=3, device="cpu",
 )
-
-
-def image_tree(root: Path, per_class: int = 20) -> Path:
-    rng = random.Random(0)
-    for colour in list(COLOURS)[:4]:
-        (root / colour).mkdir(parents=True)
-        for i in range(per_class):
-            (root / colour / f"{i}.png").write_bytes(make_image(colour, rng, size=16))
-    return root
 
 
 def test_experiment_writes_consistent_csv_plots_and_table(tmp_path: Path):
