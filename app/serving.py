@@ -61,12 +61,17 @@ def load_version(snapshots: SnapshotStore, version: int, device: torch.device) -
 @torch.inference_mode()
 def forward(served: ServedModel, pixels: torch.Tensor) -> torch.Tensor:
     """Class probabilities for a uint8 (N, 3, S, S) batch, on the CPU."""
-    if pixels.shape[-1] != served.image_size:  # prepared for the version before a swap
-        pixels = F.interpolate(pixels.float(), size=served.image_size, mode="bilinear").round().to(torch.uint8)
     x = to_model_input(pixels, served.device)
     with torch.autocast(served.device.type, dtype=torch.bfloat16, enabled=served.device.type == "cuda"):
         logits = served.model(x)
     return logits.float().softmax(dim=1).cpu()
+
+
+def fit(pixels: torch.Tensor, image_size: int) -> torch.Tensor:
+    """Pixels prepared for the version before a swap, resized to the one now serving."""
+    if pixels.shape[-1] == image_size:
+        return pixels
+    return F.interpolate(pixels.float(), size=image_size, mode="bilinear").round().to(torch.uint8)
 
 
 def top_predictions(probs: torch.Tensor, classes: list[str], k: int) -> list[Prediction]:
@@ -192,7 +197,7 @@ class ModelServer:
                 if served is None:  # requests need a model to be prepared, so only after a failed start
                     raise NoModel("no model loaded")
                 probs = await loop.run_in_executor(
-                    self._forward_pool, self.forward_batch, served, torch.cat([r.pixels for r in batch])
+                    self._forward_pool, self.forward_batch, served, torch.cat([fit(r.pixels, served.image_size) for r in batch])
                 )
             except Exception as exc:
                 log.exception("forward pass failed")
