@@ -104,9 +104,8 @@ def cmd_experiment(args: argparse.Namespace, settings: Settings) -> int:
     from dataclasses import replace
 
     from app.datasets import load_source
-    from worker.experiment import QUICK, STUDIES, Protocol, run_experiment
-
     from app.model import select_device
+    from worker.experiment import QUICK, STUDIES, Protocol, run_experiment
 
     device = str(select_device(settings.device))
     protocol = Protocol(arch=args.arch, image_size=args.image_size, seed=args.seed, device=device)
