@@ -330,7 +330,7 @@ def results_table(rows: list[Row], studies: list[str], protocol: Protocol, secon
         f"{protocol.sets_per_class} update sets of {protocol.set_size}; accuracy on {protocol.eval_per_class} test "
         f"images per known class; {seconds / 60:.0f} minutes.",
         "",
-        "Final: after the last step. Mean: over all update steps. Both mean ± std over repetitions.",
+        "Final: after the last step. Mean: over all update steps, the initial model excluded. Both mean ± std over repetitions.",
     ]
     for study in studies:
         lines += ["", f"## {study}", ""]
