@@ -43,7 +43,7 @@ bench: install
 	$(BIN)/warmtune bench predict
 
 experiment: install
-	$(BIN)/warmtune experiment --study all --quick
+	$(BIN)/warmtune experiment --study all --quick --out var/experiment-quick
 
 clean:
 	rm -rf $(VENV) var .pytest_cache
