@@ -68,7 +68,7 @@ def run_client(url: str, test: LabelledImages, stop: threading.Event, tally: Tal
     """Predict held-out images of the classes the answering version knows, until stopped."""
     rng = random.Random(0)
     with httpx.Client(base_url=url, timeout=60) as client:
-        while (version := client.get("/readyz").json()["model_version"]) is None:
+        while (version := client.get("/readyz").json().get("model_version")) is None:
             if stop.wait(0.2):
                 return
         known = {version: classes_of(client, version)}

@@ -27,8 +27,9 @@ def test_help_lists_every_setting():
 
 
 def test_ingest_and_update_learn_fashion_mnist(tmp_path):
-    env = {"WARMTUNE_HOME": str(tmp_path), "WARMTUNE_ARCH": "resnet18", "WARMTUNE_IMAGE_SIZE": "32", "WARMTUNE_SEED": "0"}
-    warmtune("ingest", "--classes", "Trouser,Bag", "--per-class", "80", "--seed", "1", env=env)
+    env = {"WARMTUNE_HOME": str(tmp_path), "WARMTUNE_ARCH": "resnet18", "WARMTUNE_IMAGE_SIZE": "32", "WARMTUNE_SEED": "0",
+           "WARMTUNE_BATCH_SIZE": "32"}
+    warmtune("ingest", "--classes", "Trouser,Bag", "--per-class", "50", "--seed", "1", env=env)
     [first] = warmtune("update", env=env).splitlines()
     assert "version 1" in first and "2 classes" in first
     assert holdout_all(first) >= 0.8  # chance is 0.5

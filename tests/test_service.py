@@ -176,6 +176,14 @@ def test_a_version_that_fails_to_load_leaves_the_old_one_serving(server: Server,
         metrics = c.get("/metrics").text
         assert "warmtune_swap_failures_total 1.0" in metrics and "warmtune_model_version 1.0" in metrics
         assert re.search(r"could not load version 2; version 1 keeps serving", server.output())
+    late = start_server(fast_env(tmp_path / "home"), tmp_path / "late.log")  # starts with nothing it can serve
+    try:
+        with late.client() as c:
+            r = c.get("/readyz")
+            assert r.status_code == 503 and r.json()["model_version"] is None
+            assert "version 2 is not loaded: SafetensorError" in r.json()["detail"], r.json()
+    finally:
+        late.kill()
 
 
 def test_concurrent_requests_share_forward_passes(server: Server):

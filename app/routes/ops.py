@@ -31,4 +31,7 @@ async def readyz(request: Request) -> JSONResponse:
     if current is None:
         return JSONResponse({"status": "ready", "model_version": None, "detail": "no model yet: waiting for a first update"})
     reason = server.broken.get(current, "still loading")
-    return JSONResponse({"status": "not ready", "detail": f"version {current} is not loaded: {reason}"}, status_code=503)
+    return JSONResponse(
+        {"status": "not ready", "model_version": None, "detail": f"version {current} is not loaded: {reason}"},
+        status_code=503,
+    )
