@@ -76,10 +76,14 @@ def run_client(url: str, test: LabelledImages, stop: threading.Event, tally: Tal
             labels = [rng.choice(known[version]) for _ in range(batch)]
             images = [test.take(label, 1, rng)[0] for label in labels]
             try:
-                answer = client.post("/predict", files=files(images)).json()
+                response = client.post("/predict", files=files(images))
             except httpx.HTTPError:
                 tally.failures += 1
                 continue
+            if response.status_code != 200:
+                tally.failures += 1
+                continue
+            answer = response.json()
             version = answer["model_version"]
             tally.add(version, sum(p["label"] == t for p, t in zip(answer["predictions"], labels, strict=True)), batch)
             if version not in known:
