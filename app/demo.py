@@ -68,7 +68,7 @@ def run_client(url: str, test: LabelledImages, stop: threading.Event, tally: Tal
     """Predict held-out images of the classes the answering version knows, until stopped."""
     rng = random.Random(0)
     with httpx.Client(base_url=url, timeout=60) as client:
-        while (version := client.get("/readyz").json().get("model_version")) is None:
+        while (version := client.get("/readyz").json()["model_version"]) is None:
             if stop.wait(0.2):
                 return
         known = {version: classes_of(client, version)}
@@ -76,14 +76,10 @@ def run_client(url: str, test: LabelledImages, stop: threading.Event, tally: Tal
             labels = [rng.choice(known[version]) for _ in range(batch)]
             images = [test.take(label, 1, rng)[0] for label in labels]
             try:
-                response = client.post("/predict", files=files(images))
-            except httpx.HTTPError:
+                answer = client.post("/predict", files=files(images)).raise_for_status().json()
+            except httpx.HTTPError:  # a transport error or a 4xx/5xx answer
                 tally.failures += 1
                 continue
-            if response.status_code != 200:
-                tally.failures += 1
-                continue
-            answer = response.json()
             version = answer["model_version"]
             tally.add(version, sum(p["label"] == t for p, t in zip(answer["predictions"], labels, strict=True)), batch)
             if version not in known:
