@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--initial-classes", type=int, default=None)
     exp.add_argument("--new-classes", type=int, default=None)
     exp.add_argument("--initial-per-class", type=int, default=None)
-    exp.add_argument("--initial-iterations", type=int, default=None)
+    exp.add_argument("--initial-epochs", type=int, default=None, help="most epochs of the first version")
     exp.add_argument("--sets-per-class", type=int, default=None)
     exp.add_argument("--set-size", type=int, default=None)
     exp.add_argument("--eval-per-class", type=int, default=None)

@@ -71,6 +71,12 @@ class UnknownVersion(WarmtuneError):
     status_code = 404
 
 
+class NotRetryable(WarmtuneError):
+    """Only rejected, failed or orphaned update sets can be queued again."""
+
+    status_code = 409
+
+
 class NoModel(WarmtuneError):
     """No model version exists yet: nothing can answer a prediction."""
 

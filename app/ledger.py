@@ -1,21 +1,41 @@
 """What became of every update set, derived from the two stores rather than kept beside them.
 
-An update set is applied when a published version lists it, rejected or failed when an outcome
-record lists it, running while a live job says it is working on it, and queued otherwise.
+Each set's attempts are the versions that list it and the outcome records that name it (rejected,
+failed, queued again). A set is applied when a version in the current version's lineage lists it,
+orphaned when only versions a promote abandoned do, rejected or failed when its last attempt says
+so, running while a live job says it is working on it, and queued otherwise.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+import uuid
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from app.errors import NotRetryable
 from app.files import atomic_write_json, read_json
 from app.samples import SampleStore, UpdateSet
 from app.settings import Settings
-from app.snapshots import SnapshotStore
+from app.snapshots import Outcome, SnapshotStore
 
-Status = Literal["queued", "running", "applied", "rejected", "failed"]
+Status = Literal["queued", "running", "applied", "rejected", "failed", "orphaned"]
+STATUSES: tuple[Status, ...] = ("queued", "running", "applied", "rejected", "failed", "orphaned")
+RETRYABLE: tuple[Status, ...] = ("rejected", "failed", "orphaned")
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One thing that happened to an update set: applied in a version, rejected, failed, or queued again."""
+
+    status: Literal["applied", "rejected", "failed", "requeued"]
+    at: float
+    model_version: int | None  # the version it was applied in, or judged against
+    reason: str | None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -26,20 +46,28 @@ class UpdateStatus:
     model_version: int | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
-
-
-@dataclass(frozen=True)
-class Consumed:
-    status: Status
-    model_version: int | None
-    metrics: dict[str, Any]
-    error: str | None
+    attempts: list[Attempt] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
 class LastStep:
     status: Status
     created_at: float
+
+
+def settle(attempts: list[Attempt], lineage: set[int]) -> tuple[Status, Attempt | None]:
+    """The status that a set's attempts (oldest first) add up to, given the current version's lineage.
+
+    Applied means applied in a version the current one descends from: the set is in its replay
+    memory. A set applied only on a branch a promote abandoned is orphaned, until it is retried.
+    """
+    for attempt in attempts:
+        if attempt.status == "applied" and attempt.model_version in lineage:
+            return "applied", attempt
+    last = attempts[-1] if attempts else None
+    if last is None or last.status == "requeued":
+        return "queued", None
+    return ("orphaned" if last.status == "applied" else last.status), last
 
 
 class Ledger:
@@ -53,21 +81,30 @@ class Ledger:
         self.snapshots = SnapshotStore(home / "snapshots")
         self.running_path = home / "running.json"
 
-    def consumed(self) -> dict[str, Consumed]:
-        done: dict[str, Consumed] = {}
+    def history(self) -> dict[str, list[Attempt]]:
+        """Every set's attempts, oldest first: from the versions that list it and the outcome records."""
+        attempts: dict[str, list[Attempt]] = {}
         for outcome in self.snapshots.outcomes():
             for update_id in outcome.update_ids:
-                done[update_id] = Consumed(outcome.status, None, outcome.metrics, outcome.reason)
+                attempt = Attempt(outcome.status, outcome.created_at, outcome.parent, outcome.reason, outcome.metrics)
+                attempts.setdefault(update_id, []).append(attempt)
         for version in self.snapshots.versions():
             meta = self.snapshots.meta(version)
             for update_id in meta.update_ids:
-                done[update_id] = Consumed("applied", version, meta.metrics, None)
-        return done
+                attempts.setdefault(update_id, []).append(Attempt("applied", meta.created_at, version, None, meta.metrics))
+        for entries in attempts.values():
+            entries.sort(key=lambda a: a.at)
+        return attempts
+
+    def settled(self) -> dict[str, tuple[Status, Attempt | None]]:
+        """The status of every set that has attempts (a set without any is queued or running)."""
+        lineage = {meta.version for meta in self.snapshots.lineage(self.snapshots.current())}
+        return {update_id: settle(attempts, lineage) for update_id, attempts in self.history().items()}
 
     def pending(self) -> list[UpdateSet]:
-        """Stored update sets no version or outcome has consumed, oldest first."""
-        done = self.consumed()
-        sets = [self.samples.get(i) for i in self.samples.ids() if i not in done]
+        """Stored update sets waiting for a step (never tried, or queued again), oldest first."""
+        settled = self.settled()
+        sets = [self.samples.get(i) for i in self.samples.ids() if settled.get(i, ("queued", None))[0] == "queued"]
         return sorted(sets, key=lambda s: (s.received_at, s.update_id))
 
     def replay_sets(self, version: int | None) -> list[UpdateSet]:
@@ -80,23 +117,68 @@ class Ledger:
 
     def status(self, update_id: str) -> UpdateStatus:
         update = self.samples.get(update_id)
-        done = self.consumed().get(update_id)
-        if done is not None:
-            return UpdateStatus(update_id, done.status, len(update), done.model_version, done.metrics, done.error)
-        status: Status = "running" if update_id in self.running() else "queued"
-        return UpdateStatus(update_id, status, len(update))
+        attempts = self.history().get(update_id, [])
+        lineage = {meta.version for meta in self.snapshots.lineage(self.snapshots.current())}
+        status, attempt = settle(attempts, lineage)
+        if status == "queued":
+            return UpdateStatus(update_id, "running" if update_id in self.running() else "queued", len(update), attempts=attempts)
+        assert attempt is not None
+        error = attempt.reason
+        if status == "orphaned":
+            error = (
+                f"applied in version {attempt.model_version}, which a promote left out of the current version's "
+                "lineage: its samples are not in the replay memory; retry it to apply it on the current version"
+            )
+        return UpdateStatus(update_id, status, len(update), attempt.model_version, attempt.metrics, error, attempts)
 
     def counts(self) -> dict[Status, int]:
         """How many stored update sets are in each status."""
-        done = self.consumed()
+        settled = self.settled()
         running = self.running()
-        counts: dict[Status, int] = dict.fromkeys(("queued", "running", "applied", "rejected", "failed"), 0)
+        counts: dict[Status, int] = dict.fromkeys(STATUSES, 0)
         for update_id in self.samples.ids():
-            if update_id in done:
-                counts[done[update_id].status] += 1
-            else:
-                counts["running" if update_id in running else "queued"] += 1
+            status = settled.get(update_id, ("queued", None))[0]
+            counts["running" if status == "queued" and update_id in running else status] += 1
         return counts
+
+    # Trying again
+
+    def requeue(self, update_id: str, reason: str, automatic: bool = False) -> None:
+        """Queue a rejected, failed or orphaned set for another step; NotRetryable for any other."""
+        status = self.status(update_id).status
+        if status not in RETRYABLE:
+            raise NotRetryable(
+                f"update set {update_id} is {status}; only {', '.join(RETRYABLE)} sets can be retried"
+            )
+        self.snapshots.record_outcome(
+            Outcome(
+                outcome_id=uuid.uuid4().hex,
+                status="requeued",
+                parent=self.snapshots.current(),
+                update_ids=[update_id],
+                reason=reason,
+                metrics={"automatic": automatic},
+            )
+        )
+
+    def reconsider_rejected(self, version: int, max_automatic: int) -> list[str]:
+        """Queue again the rejected sets that share a class with what this new version applied.
+
+        Each set is reconsidered at most max_automatic times by itself, so a bad set costs a
+        bounded number of checks and never loops.
+        """
+        applied = {label for update_id in self.snapshots.meta(version).update_ids for label in self.samples.get(update_id).labels}
+        requeued = []
+        settled = self.settled()
+        for update_id, attempts in self.history().items():
+            if settled[update_id][0] != "rejected":
+                continue
+            automatic = sum(a.status == "requeued" and bool(a.metrics.get("automatic")) for a in attempts)
+            shared = sorted(applied & set(self.samples.get(update_id).labels))
+            if automatic < max_automatic and shared:
+                self.requeue(update_id, f"reconsidered: version {version} applied more images of {', '.join(shared)}", True)
+                requeued.append(update_id)
+        return requeued
 
     # The running marker: transient, and it expires by itself if its job dies.
 
@@ -117,5 +199,5 @@ class Ledger:
     def last_step(self) -> LastStep | None:
         """The most recent update step's outcome: a published version, or a rejected or failed step."""
         steps = [LastStep("applied", self.snapshots.meta(v).created_at) for v in self.snapshots.versions()[-1:]]
-        steps += [LastStep(o.status, o.created_at) for o in self.snapshots.outcomes()[-1:]]
+        steps += [LastStep(o.status, o.created_at) for o in self.snapshots.outcomes() if o.status != "requeued"][-1:]
         return max(steps, key=lambda s: s.created_at, default=None)

@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     )
 
     # The method (Käding et al. 2016 defaults)
-    lr: float = Field(0.001, gt=0, description="SGD learning rate.")
+    lr: float = Field(0.001, gt=0, description="SGD learning rate of an update step.")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
     weight_decay: float = Field(0.0005, ge=0, description="L2 weight decay.")
     batch_size: int = Field(64, ge=1, description="Minibatch size of the fine-tune.")
@@ -46,6 +46,15 @@ class Settings(BaseSettings):
         "update-size",
         description="SGD iterations per update: update-size (|U_t|), epochs:<fraction> of D_t, or a number.",
     )
+    bootstrap_lr: float | None = Field(
+        None,
+        gt=0,
+        description="Learning rate of the first version; unset: 0.01 from random weights (base weights none), else lr.",
+    )
+    bootstrap_max_epochs: int = Field(60, ge=1, description="Most epochs the first version trains for.")
+    bootstrap_patience: int = Field(
+        8, ge=1, description="The first version stops after this many epochs without a better holdout score."
+    )
     holdout_fraction: float = Field(0.1, ge=0, lt=1, description="Fraction of each update set kept for the gate.")
     gate_max_old_drop: float = Field(
         0.05, ge=0, description="Largest drop of holdout accuracy on old data a candidate may show (0.05 = 5 points)."
@@ -54,6 +63,16 @@ class Settings(BaseSettings):
         1.645,
         ge=0,
         description="The old-data drop must also be significant on the paired holdout (one-sided z; 0: margin only).",
+    )
+    gate_label_alpha: float = Field(
+        0.01,
+        ge=0,
+        lt=1,
+        description="Refuse a set whose labels of known classes disagree with the current model at this significance "
+        "(given its holdout recall of each class); 0: no label check.",
+    )
+    retry_auto_max: int = Field(
+        2, ge=0, description="Times a rejected set is reconsidered by itself after more data of its classes is applied."
     )
     seed: int | None = Field(None, description="Seed for sampling and head init; unset means random.")
     log_every: int = Field(50, ge=1, description="Training logs a line every this many iterations.")
@@ -84,6 +103,13 @@ class Settings(BaseSettings):
     lock_lease_s: float = Field(30.0, gt=0, description="Lineage lock lease; it expires this long after its holder dies.")
     job_timeout_s: int = Field(3600, ge=1, description="RQ job timeout in seconds.")
     poll_interval_s: float = Field(2.0, gt=0, description="How often each API replica checks the snapshot pointer.")
+
+    @property
+    def first_version_lr(self) -> float:
+        """Random weights need a far larger rate than the paper's fine-tuning rate to move at all."""
+        if self.bootstrap_lr is not None:
+            return self.bootstrap_lr
+        return 0.01 if self.base_weights == "none" else self.lr
 
     @field_validator("iterations")
     @classmethod

@@ -2,7 +2,7 @@
 
     snapshots/<version>/model.safetensors, meta.json   a published version, never overwritten
     snapshots/POINTER                                  {"current": v, "latest": n}, replaced atomically
-    snapshots/outcomes/<id>.json                       update sets a job rejected or failed on
+    snapshots/outcomes/<id>.json                       update sets rejected, failed, or queued again
 
 Publishing writes the version directory under a temporary name, renames it into place and only
 then moves the pointer: the pointer is the commit. A directory numbered above "latest" is the
@@ -45,10 +45,10 @@ class SnapshotMeta(BaseModel):
 
 
 class Outcome(BaseModel):
-    """What became of update sets a job did not publish: rejected by the gate, or failed."""
+    """What became of update sets beside being published: rejected by the gate, failed, or queued again."""
 
     outcome_id: str
-    status: Literal["rejected", "failed"]
+    status: Literal["rejected", "failed", "requeued"]
     parent: int | None
     update_ids: list[str]
     reason: str

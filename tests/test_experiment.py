@@ -14,7 +14,7 @@ from worker.experiment import STUDIES, Protocol, run_experiment
 
 TINY = Protocol(
     arch="resnet18", image_size=16, repeats=2, initial_classes=2, new_classes=2, initial_per_class=6,
-    initial_iterations=4, set_size=4, sets_per_class=2, eval_per_class=3, device="cpu",
+    initial_epochs=2, set_size=4, sets_per_class=2, eval_per_class=3, device="cpu",
 )
 
 

@@ -1,43 +1,102 @@
-from worker.gate import HoldoutScores, judge
+"""The gate's rules on crafted outcomes: what a model predicted for holdout samples of known labels."""
+
+import math
+
+import pytest
+
+from worker.gate import Outcomes, check_labels, check_old_knowledge, check_training, poisson_binomial_cdf
 
 
-def scores(old, new=0.5):
-    return HoldoutScores(old=old, new=new, all=None, n_old=10, n_new=10)
+def outcomes(*groups: tuple[str, str, int]) -> Outcomes:
+    """Outcomes from (true label, predicted label, count) groups."""
+    pairs = [(t, p) for t, p, n in groups for _ in range(n)]
+    return Outcomes(tuple(t for t, _ in pairs), tuple(p for _, p in pairs))
 
 
-def test_first_version_passes():
-    assert judge(None, scores(None), loss=0.3, max_old_drop=0.05).passed
+# The current version on its old holdout: it knows three classes well.
+KNOWN = outcomes(("Shirt", "Shirt", 9), ("Shirt", "Coat", 1), ("Trouser", "Trouser", 10), ("Coat", "Coat", 8), ("Coat", "Shirt", 2))
 
 
-def test_a_small_drop_passes_and_a_large_one_is_rejected_with_the_numbers():
-    assert judge(scores(0.90), scores(0.86), 0.3, 0.05).passed
-    verdict = judge(scores(0.90), scores(0.80), 0.3, 0.05)
+def test_poisson_binomial_matches_the_binomial_for_equal_probabilities():
+    assert poisson_binomial_cdf(2, [0.5] * 4) == pytest.approx(11 / 16)
+    assert poisson_binomial_cdf(0, [0.9, 0.8]) == pytest.approx(0.1 * 0.2)
+    assert poisson_binomial_cdf(5, [0.3] * 5) == pytest.approx(1.0)
+
+
+def test_a_clean_set_of_a_known_class_passes_the_label_check():
+    clean = outcomes(("Trouser", "Trouser", 9), ("Trouser", "Coat", 1))
+    assert check_labels(KNOWN, clean, alpha=0.01).passed
+
+
+def test_a_known_class_labelled_as_another_known_class_is_refused_naming_both():
+    slip = outcomes(("Trouser", "Shirt", 9), ("Trouser", "Trouser", 1))  # shirts labelled Trouser
+    verdict = check_labels(KNOWN, slip, alpha=0.01)
     assert not verdict.passed
-    assert "0.900 to 0.800" in verdict.reason and "0.050" in verdict.reason
+    assert "9 of 10 images labelled 'Trouser' are something else to it (most often 'Shirt')" in verdict.reason
 
 
-def test_a_diverged_candidate_is_rejected():
-    verdict = judge(scores(0.9), scores(0.9), float("nan"), 0.05)
-    assert not verdict.passed and "diverged" in verdict.reason
+def test_a_set_with_half_its_labels_wrong_is_refused():
+    half = outcomes(
+        ("Shirt", "Shirt", 3), ("Trouser", "Trouser", 2), ("Coat", "Coat", 1),  # right
+        ("Shirt", "Trouser", 2), ("Trouser", "Coat", 2), ("Coat", "Shirt", 2),  # wrong
+    )
+    assert not check_labels(KNOWN, half, alpha=0.01).passed
 
 
-def test_no_old_holdout_means_nothing_to_compare():
-    assert judge(scores(None), scores(None), 0.1, 0.05).passed
+def test_new_classes_are_not_label_checked_and_the_check_can_be_switched_off():
+    new_class = outcomes(("Bag", "Shirt", 10))  # the current version has no output for Bag
+    assert check_labels(KNOWN, new_class, alpha=0.01).passed
+    slip = outcomes(("Trouser", "Shirt", 10))
+    assert check_labels(KNOWN, slip, alpha=0.0).passed
 
 
-def paired(hits: list[bool]) -> HoldoutScores:
-    return HoldoutScores(old=sum(hits) / len(hits), new=0.5, all=None, n_old=len(hits), n_new=10, old_hits=tuple(hits))
+def test_a_class_the_model_barely_knows_tolerates_disagreement():
+    weak = outcomes(("Shirt", "Shirt", 3), ("Shirt", "Coat", 7))
+    assert check_labels(weak, outcomes(("Shirt", "Coat", 8), ("Shirt", "Shirt", 2)), alpha=0.01).passed
+
+
+# After training: the candidate read among the old classes only (the job does this with Outcomes.of).
+BEFORE = outcomes(("Shirt", "Shirt", 10), ("Trouser", "Trouser", 10), ("Coat", "Coat", 10))
+
+
+def test_confusion_with_a_new_class_does_not_count_as_forgetting():
+    # Among all classes the candidate calls 6 shirts "Pullover" (a new look-alike class); among
+    # the old classes only, its second choice for them is still Shirt.
+    import torch
+
+    classes = ["Shirt", "Trouser", "Coat", "Pullover"]
+    logits = torch.zeros(30, 4)
+    for i in range(30):
+        logits[i, i // 10] = 2.0
+    logits[:6, 3] = 3.0  # six shirts now look most like Pullover
+    true = [c for c in classes[:3] for _ in range(10)]
+    everything = Outcomes.of(logits, true, classes)
+    among_old = Outcomes.of(logits, true, classes[:3])
+    assert everything.accuracy() == pytest.approx(24 / 30)
+    assert among_old.accuracy() == 1.0
+    assert check_old_knowledge(BEFORE, among_old, max_drop=0.05, significance_z=1.645).passed
+
+
+def test_an_old_class_confused_with_another_old_class_is_refused_with_the_numbers():
+    after = outcomes(("Shirt", "Trouser", 8), ("Shirt", "Shirt", 2), ("Trouser", "Trouser", 10), ("Coat", "Coat", 10))
+    verdict = check_old_knowledge(BEFORE, after, max_drop=0.05, significance_z=1.645)
+    assert not verdict.passed
+    assert "1.000 -> 0.733" in verdict.reason and "Shirt 1.00 -> 0.20" in verdict.reason
 
 
 def test_a_drop_within_the_noise_of_a_small_holdout_passes():
-    before = paired([True] * 30 + [False] * 3)
-    after = paired([False, False, False] + [True] * 27 + [True, False, False])  # 3 lost, 1 won: 6 points
-    verdict = judge(before, after, 0.3, 0.05, significance_z=1.645)
+    before = Outcomes(tuple("a" * 33), tuple("a" * 30 + "bbb"))
+    after = Outcomes(tuple("a" * 33), tuple("bbb" + "a" * 28 + "bb"))  # 3 lost, 1 won: 6 points
+    verdict = check_old_knowledge(before, after, 0.05, significance_z=1.645)
     assert verdict.passed and "3 lost, 1 won of 33" in verdict.reason
-    assert not judge(before, after, 0.3, 0.05, significance_z=0).passed  # the margin alone rejects it
+    assert not check_old_knowledge(before, after, 0.05, significance_z=0).passed  # the margin alone refuses it
 
 
-def test_a_consistent_loss_is_rejected_even_when_checked_for_noise():
-    before = paired([True] * 11)
-    after = paired([False] * 4 + [True] * 7)  # 4 lost, none won
-    assert not judge(before, after, 0.3, 0.05, significance_z=1.645).passed
+def test_no_old_holdout_means_nothing_to_compare():
+    assert check_old_knowledge(Outcomes((), ()), Outcomes((), ()), 0.05, 1.645).passed
+
+
+def test_a_diverged_candidate_is_refused():
+    verdict = check_training(math.nan)
+    assert not verdict.passed and "diverged" in verdict.reason
+    assert check_training(0.3).passed

@@ -1,9 +1,11 @@
 """Real update steps on generated images: warm start, head growth, replay, gate, publish."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from imagegen import make_set, poisoned_set
 
+from app.errors import NotRetryable
 from app.ledger import Ledger
 from app.model import build_model
 from worker.jobs import apply_pending_updates
@@ -49,20 +51,63 @@ def test_three_steps_then_a_poisoned_set_is_rejected(settings):
     assert r3.version == 3 and ledger.snapshots.meta(3).update_ids == third
     assert ledger.snapshots.meta(3).classes == meta2.classes
 
-    # poisoned sets (green and blue images labelled red) cost old accuracy: the gate rejects them
-    poison, _ = add(ledger, *poisoned_set("green", "red", 60, seed=5)), add(ledger, *poisoned_set("blue", "red", 60, seed=6))
-    [r4] = apply_pending_updates(settings)
-    assert r4.status == "rejected", r4.metrics
+    # poisoned sets (green and blue images labelled red) contradict what version 3 knows: each is
+    # refused on its own, before any training
+    poison = [add(ledger, *poisoned_set("green", "red", 60, seed=5)), add(ledger, *poisoned_set("blue", "red", 60, seed=6))]
+    r4 = apply_pending_updates(settings)
+    assert [r.status for r in r4] == ["rejected", "rejected"] and {r.update_ids[0] for r in r4} == set(poison)
     assert ledger.snapshots.current() == 3 and ledger.snapshots.versions() == [1, 2, 3]
-    status = ledger.status(poison)
-    assert status.status == "rejected" and "holdout accuracy on old data would fall" in status.error
-    before, after = status.metrics["holdout_before"]["old"], status.metrics["holdout_after"]["old"]
-    assert after < before - settings.gate_max_old_drop
+    status = ledger.status(poison[0])
+    assert status.status == "rejected" and "labelled 'red' are something else to it (most often 'green')" in status.error
 
     assert [ledger.status(u).status for u in [first, second, *third]] == ["applied"] * 4
     assert ledger.status(second).model_version == 2
     assert ledger.pending() == []
     assert apply_pending_updates(settings) == []
+
+
+def test_without_the_label_check_the_candidate_that_forgets_old_classes_is_refused(make_settings):
+    settings = make_settings(gate_label_alpha=0.0)
+    ledger = Ledger(settings)
+    add(ledger, *make_set({"red": 30, "green": 30, "blue": 30}, seed=1))
+    apply_pending_updates(settings)
+    poison = add(ledger, *poisoned_set("green", "red", 60, seed=5))
+    [result] = apply_pending_updates(settings)
+    assert result.status == "rejected", result.metrics
+    status = ledger.status(poison)
+    assert "the candidate would forget old classes" in status.error and "green" in status.error
+    before, after = status.metrics["old_classes_apart"]["before"], status.metrics["old_classes_apart"]["after"]
+    assert after < before - settings.gate_max_old_drop
+
+
+def test_a_rejected_set_is_kept_retried_on_request_and_reconsidered_a_bounded_number_of_times(make_settings):
+    settings = make_settings(retry_auto_max=1)
+    ledger = Ledger(settings)
+    add(ledger, *make_set({"red": 30, "green": 30}, seed=1))
+    apply_pending_updates(settings)
+    poison = add(ledger, *poisoned_set("green", "red", 20, seed=5))
+    apply_pending_updates(settings)
+    assert ledger.status(poison).status == "rejected"
+    with pytest.raises(NotRetryable, match="applied"):
+        ledger.requeue(ledger.snapshots.meta(1).update_ids[0], "by hand")
+
+    # retried by hand: queued, tried again, rejected again; every attempt is in its history
+    ledger.requeue(poison, "retried by an annotator")
+    assert ledger.status(poison).status == "queued" and [u.update_id for u in ledger.pending()] == [poison]
+    apply_pending_updates(settings)
+    attempts = ledger.status(poison).attempts
+    assert [a.status for a in attempts] == ["rejected", "requeued", "rejected"]
+    assert attempts[1].reason == "retried by an annotator" and "labels contradict" in attempts[2].reason
+
+    # more red applied: the red-labelled set is reconsidered once by itself, then left alone
+    add(ledger, *make_set({"red": 10}, seed=7))
+    results = apply_pending_updates(settings)
+    assert [r.status for r in results] == ["applied", "rejected"]
+    add(ledger, *make_set({"red": 10}, seed=8))
+    assert [r.status for r in apply_pending_updates(settings)] == ["applied"]
+    attempts = ledger.status(poison).attempts
+    assert [a.status for a in attempts].count("requeued") == 2
+    assert attempts[-2].reason.startswith("reconsidered: version 2 applied more images of red")
 
 
 def test_after_a_rollback_the_next_version_grows_from_the_promoted_one(settings):
@@ -81,7 +126,19 @@ def test_after_a_rollback_the_next_version_grows_from_the_promoted_one(settings)
     assert (result.version, meta.parent) == (3, 1)
     assert meta.classes == ledger.snapshots.meta(1).classes + ["blue"]
     assert blue not in {u.update_id for u in ledger.replay_sets(3)}  # blue belongs to the abandoned branch
+    status = ledger.status(blue)
+    assert status.status == "orphaned" and "retry it" in status.error
+    assert ledger.counts()["orphaned"] == 1
+
+    # promoting the abandoned branch again makes it applied again; retrying applies it on this branch
+    ledger.snapshots.promote(2)
     assert ledger.status(blue).status == "applied"
+    ledger.snapshots.promote(3)
+    ledger.requeue(blue, "re-apply after rollback")
+    [again] = apply_pending_updates(settings)
+    assert (again.version, ledger.snapshots.meta(4).parent) == (4, 3)
+    assert ledger.status(blue).status == "applied" and ledger.status(blue).model_version == 4
+    assert blue in {u.update_id for u in ledger.replay_sets(4)}
 
 
 def test_a_step_that_fails_is_recorded_and_the_job_goes_on(make_settings):

@@ -85,7 +85,7 @@ class Protocol:
     initial_classes: int = 5
     new_classes: int = 5
     initial_per_class: int = 200
-    initial_iterations: int = 300
+    initial_epochs: int = 60
     set_size: int = 10
     sets_per_class: int = 10
     eval_per_class: int = 100
@@ -93,7 +93,7 @@ class Protocol:
     device: str = "cpu"
 
 
-QUICK = {"repeats": 1, "initial_per_class": 100, "initial_iterations": 150, "sets_per_class": 5, "eval_per_class": 50}
+QUICK = {"repeats": 1, "initial_per_class": 100, "initial_epochs": 30, "sets_per_class": 5, "eval_per_class": 50}
 
 
 @dataclass
@@ -134,6 +134,9 @@ def engine_settings(home: Path, protocol: Protocol, repeat: int, setting: Settin
         replay_lambda=setting.replay_lambda,
         head_init=setting.head_init,  # type: ignore[arg-type]
         gate_max_old_drop=0.05 if setting.gate else 1.0,  # 1.0 can never be exceeded: the paper has no gate
+        gate_label_alpha=0.01 if setting.gate else 0.0,
+        retry_auto_max=0,  # one step per set, as in the paper
+        bootstrap_max_epochs=protocol.initial_epochs,
         log_every=10**9,
     )
 
@@ -181,7 +184,7 @@ def test_accuracy(ledger: Ledger, classes: list[str], test: dict[str, torch.Tens
 
 def initial_version(stream: Stream, protocol: Protocol, repeat: int, home: Path) -> float:
     """Learn the initial classes from the base weights: version 1, shared by every setting."""
-    settings = engine_settings(home, protocol, repeat, Setting("initial", iterations=str(protocol.initial_iterations)))
+    settings = engine_settings(home, protocol, repeat, Setting("initial"))
     ledger = Ledger(settings)
     ledger.samples.add([i for i, _ in stream.initial_images], [c for _, c in stream.initial_images])
     [result] = apply_pending_updates(settings)
@@ -326,7 +329,7 @@ def results_table(rows: list[Row], studies: list[str], protocol: Protocol, secon
         "",
         f"{protocol.arch} at {protocol.image_size} px, {protocol.repeats} repetition(s), seed {protocol.seed}; "
         f"{protocol.initial_classes} initial classes ({protocol.initial_per_class} images each, "
-        f"{protocol.initial_iterations} iterations), then {protocol.new_classes} new classes in "
+        f"up to {protocol.initial_epochs} epochs), then {protocol.new_classes} new classes in "
         f"{protocol.sets_per_class} update sets of {protocol.set_size}; accuracy on {protocol.eval_per_class} test "
         f"images per known class; {seconds / 60:.0f} minutes.",
         "",

@@ -1,31 +1,60 @@
-"""The promotion gate: a candidate is published only if it keeps what the current version knew.
+"""The promotion gate: what the current version knows is kept, and labels that contradict it are refused.
 
-Holdout scopes: "old" is the holdout of the data the current version was trained on (D_{t-1}),
-"new" the holdout of the update sets being applied (U_t), "all" both together.
+Two checks, on what the models make of holdout samples (Outcomes: true and predicted labels):
+
+1. Before training, per update set: do its labels of classes the current version already knows
+   agree with that version about as often as its holdout says it is right about those classes?
+   An annotator's slip (a set of shirts labelled "Trouser") or a set with half its labels wrong
+   disagrees far more often than that; a clean set does not. New classes are not checked: the
+   current version has no output for them, so it cannot disagree.
+2. After training: does the candidate still tell the old classes apart on the old holdout? Its
+   answer is read among the old classes only, so an old sample it now calls by a new class (the
+   expected confusion when a new class resembles an old one) does not count as lost; an old class
+   it now confuses with another old class does. A drop must pass both a margin and a paired
+   (sign) test against the noise of a small holdout.
+
+Holdout scopes in the metrics: "old" is the holdout of D_{t-1}, "new" the holdout of U_t, "all" both.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
-from torch import nn
-
-from worker.trainer import SampleTensors, evaluate
 
 
 @dataclass(frozen=True)
-class HoldoutScores:
-    old: float | None
-    new: float | None
-    all: float | None
-    n_old: int
-    n_new: int
-    old_hits: tuple[bool, ...] = field(default=(), repr=False)  # per old holdout sample, for the paired test
+class Outcomes:
+    """True and predicted labels of labelled samples, in order: what one model made of them."""
 
-    def as_dict(self) -> dict[str, float | int | None]:
-        return {k: v for k, v in asdict(self).items() if k != "old_hits"}
+    true: tuple[str, ...]
+    predicted: tuple[str, ...]
+
+    @classmethod
+    def of(cls, logits: torch.Tensor, true: Sequence[str], classes: Sequence[str]) -> Outcomes:
+        """Read logits as labels, among the first len(classes) outputs only."""
+        if not len(true):
+            return cls((), ())
+        top = logits[:, : len(classes)].argmax(dim=1).tolist()
+        return cls(tuple(true), tuple(classes[i] for i in top))
+
+    def __len__(self) -> int:
+        return len(self.true)
+
+    @property
+    def hits(self) -> list[bool]:
+        return [t == p for t, p in zip(self.true, self.predicted, strict=True)]
+
+    def accuracy(self) -> float | None:
+        return sum(self.hits) / len(self) if len(self) else None
+
+    def recall(self, label: str) -> tuple[int, int]:
+        """Samples of this label predicted as it, and samples of this label."""
+        hits = [h for t, h in zip(self.true, self.hits, strict=True) if t == label]
+        return sum(hits), len(hits)
 
 
 @dataclass(frozen=True)
@@ -34,49 +63,86 @@ class Verdict:
     reason: str
 
 
-def holdout_scores(model: nn.Module, old: SampleTensors, new: SampleTensors, device: torch.device) -> HoldoutScores:
-    acc_old, acc_new = evaluate(model, old, device), evaluate(model, new, device)
-    correct = sum(acc_old.correct.values()) + sum(acc_new.correct.values())
-    total = acc_old.count + acc_new.count
-    return HoldoutScores(
-        acc_old.score(), acc_new.score(), correct / total if total else None, len(old), len(new), tuple(acc_old.hits)
+def poisson_binomial_cdf(k: int, probabilities: Sequence[float]) -> float:
+    """P(at most k successes) among independent trials with these success probabilities."""
+    dist = [1.0]
+    for p in probabilities:
+        dist = [a * (1 - p) + b * p for a, b in zip([*dist, 0.0], [0.0, *dist], strict=True)]
+    return sum(dist[: k + 1])
+
+
+def check_labels(known: Outcomes, incoming: Outcomes, alpha: float) -> Verdict:
+    """Refuse a set whose labels of known classes disagree with the current version beyond chance.
+
+    known: the current version on the old holdout, which says how often it is right per class.
+    incoming: the current version on the set's samples, with the set's labels as true labels.
+    Each sample of a known class is expected to agree with probability (hits+1)/(n+2), its
+    class's holdout recall shrunk towards 1/2 so that a few holdout samples never claim
+    certainty. The set is refused when the chance of agreeing as rarely as it does is below alpha.
+    """
+    classes = set(known.true)
+    checked = [(t, p) for t, p in zip(incoming.true, incoming.predicted, strict=True) if t in classes]
+    if alpha <= 0 or not checked:
+        return Verdict(True, "no labels of known classes to check")
+    expected = {label: (hits + 1) / (n + 2) for label in classes for hits, n in [known.recall(label)]}
+    agree = sum(t == p for t, p in checked)
+    p_value = poisson_binomial_cdf(agree, [expected[t] for t, _ in checked])
+    if p_value >= alpha:
+        return Verdict(True, f"labels agree with the current version on {agree} of {len(checked)} known-class samples")
+    worst = max(dict.fromkeys(t for t, _ in checked), key=lambda label: sum(t == label != p for t, p in checked))
+    seen_as = Counter(p for t, p in checked if t == worst and p != worst).most_common(1)[0][0]
+    n_worst = sum(t == worst for t, _ in checked)
+    agree_worst = sum(t == p == worst for t, p in checked)
+    return Verdict(
+        False,
+        f"labels contradict the current version: {n_worst - agree_worst} of {n_worst} images labelled {worst!r} "
+        f"are something else to it (most often {seen_as!r}), while it recognises {worst!r} at {expected[worst]:.2f} "
+        f"on its holdout; {agree} of {len(checked)} known-class labels agree, p = {p_value:.1e} < {alpha}",
     )
 
 
-def net_losses(before: tuple[bool, ...], after: tuple[bool, ...]) -> tuple[int, int]:
-    """Old holdout samples the candidate got wrong that the current version got right, and the reverse."""
+def net_losses(before: Sequence[bool], after: Sequence[bool]) -> tuple[int, int]:
+    """Samples the candidate got wrong that the current version got right, and the reverse."""
     lost = sum(b and not a for b, a in zip(before, after, strict=True))
     won = sum(a and not b for b, a in zip(before, after, strict=True))
     return lost, won
 
 
-def judge(
-    before: HoldoutScores | None, after: HoldoutScores, loss: float, max_old_drop: float, significance_z: float = 0.0
-) -> Verdict:
-    """Pass unless training diverged or accuracy on the old holdout fell by more than max_old_drop.
+def worst_classes(before: Outcomes, after: Outcomes, count: int = 2) -> str:
+    """The old classes whose holdout recall fell most, as 'Shirt 0.90 -> 0.40'."""
+    drops = []
+    for label in dict.fromkeys(before.true):
+        (hb, n), (ha, _) = before.recall(label), after.recall(label)
+        if ha < hb:
+            drops.append(((hb - ha) / n, f"{label} {hb / n:.2f} -> {ha / n:.2f}"))
+    return ", ".join(text for _, text in sorted(drops, reverse=True)[:count]) or "none in particular"
 
-    With significance_z > 0 the drop must also stand out from the noise of a small holdout: on
-    the same samples, the net number lost (lost - won) must exceed z * sqrt(lost + won), a
-    one-sided sign (McNemar) test. Without it, two unlucky samples out of thirty read as a
-    seven-point drop and a good update is thrown away.
+
+def check_old_knowledge(before: Outcomes, after: Outcomes, max_drop: float, significance_z: float) -> Verdict:
+    """Refuse a candidate that tells the old classes apart worse than the current version.
+
+    after is read among the old classes only. With significance_z > 0 the drop must also stand
+    out from the noise of a small holdout: on the same samples, the net number lost (lost - won)
+    must exceed z * sqrt(lost + won), a one-sided sign (McNemar) test.
     """
+    acc_before, acc_after = before.accuracy(), after.accuracy()
+    if acc_before is None or acc_after is None:
+        return Verdict(True, "no earlier holdout to compare with")
+    drop = acc_before - acc_after
+    summary = f"old classes told apart on the old holdout: {acc_before:.3f} -> {acc_after:.3f}"
+    if drop <= max_drop:
+        return Verdict(True, summary)
+    lost, won = net_losses(before.hits, after.hits)
+    if significance_z > 0 and lost - won <= significance_z * math.sqrt(lost + won):
+        return Verdict(True, f"{summary}, within the holdout's noise ({lost} lost, {won} won of {len(after)})")
+    return Verdict(
+        False,
+        f"the candidate would forget old classes: {summary} ({drop:.3f} > the allowed {max_drop:.3f}; "
+        f"{lost} lost, {won} won of {len(after)}); fell most: {worst_classes(before, after)}",
+    )
+
+
+def check_training(loss: float) -> Verdict:
     if not math.isfinite(loss):
         return Verdict(False, f"training diverged (loss {loss})")
-    if before is None or before.old is None or after.old is None:
-        return Verdict(True, "no earlier holdout to compare with")
-    drop = before.old - after.old
-    if drop > max_old_drop and significance_z > 0 and len(before.old_hits) == len(after.old_hits):
-        lost, won = net_losses(before.old_hits, after.old_hits)
-        if lost - won <= significance_z * math.sqrt(lost + won):
-            return Verdict(
-                True,
-                f"holdout accuracy on old data {before.old:.3f} -> {after.old:.3f}: within the holdout's noise "
-                f"({lost} lost, {won} won of {after.n_old} samples)",
-            )
-    if drop > max_old_drop:
-        return Verdict(
-            False,
-            f"holdout accuracy on old data would fall from {before.old:.3f} to {after.old:.3f} "
-            f"({drop:.3f} > the allowed {max_old_drop:.3f})",
-        )
-    return Verdict(True, f"holdout accuracy on old data {before.old:.3f} -> {after.old:.3f}")
+    return Verdict(True, "training converged")

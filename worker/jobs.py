@@ -23,8 +23,16 @@ from app.model import build_model, grow_head, model_from_state, select_device
 from app.samples import UpdateSet
 from app.settings import Settings, get_settings
 from app.snapshots import Outcome, SnapshotMeta
-from worker.gate import HoldoutScores, holdout_scores, judge
-from worker.trainer import SampleTensors, TrainConfig, fine_tune, iterations_for
+from worker.gate import Outcomes, Verdict, check_labels, check_old_knowledge, check_training
+from worker.trainer import (
+    SampleTensors,
+    TrainConfig,
+    TrainStats,
+    fine_tune,
+    iterations_for,
+    predict_logits,
+    train_first_version,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +51,8 @@ def apply_pending_updates(
 ) -> list[StepResult]:
     """Apply every pending update set under the lineage lock, coalescing what is pending into each step.
 
-    on_step is called after each step (to announce a new version, in the service).
+    After each new version, rejected sets that share a class with it are queued again (a bounded
+    number of times). on_step is called after each step (to announce a new version, in the service).
     """
     settings = settings or get_settings()
     ledger = Ledger(settings)
@@ -60,7 +69,7 @@ def apply_pending_updates(
             running[:] = [u.update_id for u in pending]
             ledger.mark_running(running, settings.lock_lease_s)
             try:
-                result = apply_step(settings, ledger, pending, lock)
+                step = apply_step(settings, ledger, pending, lock)
             except LineageMoved as exc:
                 log.info("%s; starting over from the new current version", exc)
                 continue
@@ -68,13 +77,16 @@ def apply_pending_updates(
                 raise
             except Exception as exc:  # a failed step is recorded, and the lineage goes on
                 log.exception("update step failed")
-                result = record_failure(ledger, pending, exc)
+                step = [record_failure(ledger, pending, exc)]
             finally:
                 running.clear()
                 ledger.clear_running()
-            results.append(result)
-            if on_step is not None:
-                on_step(result)
+            for result in step:
+                results.append(result)
+                if result.version is not None:
+                    ledger.reconsider_rejected(result.version, settings.retry_auto_max)
+                if on_step is not None:
+                    on_step(result)
     return results
 
 
@@ -96,19 +108,25 @@ def run_update_job() -> list[dict[str, Any]]:
     return [{"status": r.status, "update_ids": r.update_ids, "version": r.version, "reason": r.reason} for r in results]
 
 
-def record_failure(ledger: Ledger, pending: list[UpdateSet], exc: Exception) -> StepResult:
-    ids = [u.update_id for u in pending]
-    reason = f"{type(exc).__name__}: {exc}"
+def record_outcome(
+    ledger: Ledger, sets: list[UpdateSet], status: Literal["rejected", "failed"], reason: str, metrics: dict[str, Any]
+) -> StepResult:
+    ids = [u.update_id for u in sets]
     outcome = Outcome(
         outcome_id=uuid.uuid4().hex,
-        status="failed",
+        status=status,
         parent=ledger.snapshots.current(),
         update_ids=ids,
         reason=reason,
-        metrics={"traceback": traceback.format_exc(limit=5)},
+        metrics=metrics,
     )
     ledger.snapshots.record_outcome(outcome)
-    return StepResult("failed", ids, reason=reason)
+    return StepResult(status, ids, reason=reason, metrics=metrics)
+
+
+def record_failure(ledger: Ledger, pending: list[UpdateSet], exc: Exception) -> StepResult:
+    reason = f"{type(exc).__name__}: {exc}"
+    return record_outcome(ledger, pending, "failed", reason, {"traceback": traceback.format_exc(limit=5)})
 
 
 def warm_start(settings: Settings, ledger: Ledger, classes_needed: list[str]) -> tuple[nn.Module, SnapshotMeta | None]:
@@ -121,69 +139,115 @@ def warm_start(settings: Settings, ledger: Ledger, classes_needed: list[str]) ->
 
 
 @dataclass
-class StepData:
-    """The samples of one step as model input: old data D_{t-1} and the update U_t, train and holdout."""
+class SetTensors:
+    """One update set as model input: its training and its holdout samples."""
 
-    old_train: SampleTensors
-    old_holdout: SampleTensors
-    new_train: SampleTensors
-    new_holdout: SampleTensors
+    update: UpdateSet
+    train: SampleTensors
+    holdout: SampleTensors
 
 
-def step_data(old_sets: list[UpdateSet], new_sets: list[UpdateSet], classes: list[str], image_size: int) -> StepData:
+def set_tensors(sets: list[UpdateSet], classes: list[str], image_size: int) -> list[SetTensors]:
     index = {c: i for i, c in enumerate(classes)}
+    return [
+        SetTensors(u, SampleTensors(u.samples(holdout=False), index, image_size), SampleTensors(u.samples(holdout=True), index, image_size))
+        for u in sets
+    ]
 
-    def tensors(sets: list[UpdateSet], holdout: bool) -> SampleTensors:
-        return SampleTensors([s for u in sets for s in u.samples(holdout=holdout)], index, image_size)
 
-    return StepData(tensors(old_sets, False), tensors(old_sets, True), tensors(new_sets, False), tensors(new_sets, True))
+def holdout_summary(old: Outcomes, new: Outcomes) -> dict[str, Any]:
+    """Accuracy on the old holdout, the new holdout and both, with their sizes (the metrics' shape)."""
+    both = Outcomes(old.true + new.true, old.predicted + new.predicted)
+    return {"old": old.accuracy(), "new": new.accuracy(), "all": both.accuracy(), "n_old": len(old), "n_new": len(new)}
 
 
-def apply_step(settings: Settings, ledger: Ledger, pending: list[UpdateSet], lock: LineageLock) -> StepResult:
-    """One update step of the method: warm start, grow the head, λ-replay SGD, gate, publish or reject."""
+def per_class(outcomes: Outcomes) -> dict[str, float]:
+    return {label: hits / n for label in dict.fromkeys(outcomes.true) for hits, n in [outcomes.recall(label)]}
+
+
+def screen_labels(
+    model: nn.Module, known: Outcomes, sets: list[SetTensors], classes: list[str], alpha: float, device: torch.device
+) -> tuple[list[SetTensors], list[tuple[SetTensors, Verdict]]]:
+    """Split the sets into those whose labels the current version can accept and those it refuses (gate check 1)."""
+    accepted, refused = [], []
+    for s in sets:
+        samples = SampleTensors.join([s.train, s.holdout])
+        verdict = check_labels(known, Outcomes.of(predict_logits(model, samples, device), samples.labels, classes), alpha)
+        (accepted.append(s) if verdict.passed else refused.append((s, verdict)))
+    return accepted, refused
+
+
+def apply_step(settings: Settings, ledger: Ledger, pending: list[UpdateSet], lock: LineageLock) -> list[StepResult]:
+    """One update step of the method: warm start, check the labels, grow the head, train, gate, publish or reject."""
     clock = time.perf_counter()
-    update_ids = [u.update_id for u in pending]
     device = select_device(settings.device)
     seed = settings.seed + ledger.snapshots.latest() if settings.seed is not None else random.getrandbits(62)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
 
-    incoming = list(dict.fromkeys(label for u in pending for label in u.labels))
-    model, parent = warm_start(settings, ledger, incoming)
+    model, parent = warm_start(settings, ledger, list(dict.fromkeys(label for u in pending for label in u.labels)))
     old_classes = parent.classes if parent else []
-    new_classes = [c for c in incoming if c not in old_classes]
     image_size = parent.image_size if parent else settings.image_size
+    old_index = {c: i for i, c in enumerate(old_classes)}
     old_sets = ledger.replay_sets(parent.version if parent else None)
-    data = step_data(old_sets, pending, old_classes + new_classes, image_size)
-    log.info(
-        "applying %d update set(s) on top of version %s: %d new samples, %d old, new classes %s",
-        len(pending), parent.version if parent else None, len(data.new_train), len(data.old_train), new_classes,
-    )
+    old_train = SampleTensors([s for u in old_sets for s in u.samples(holdout=False)], old_index, image_size)
+    old_holdout = SampleTensors([s for u in old_sets for s in u.samples(holdout=True)], old_index, image_size)
+    incoming = list(dict.fromkeys(label for u in pending for label in u.labels if label not in old_index))
+    sets = set_tensors(pending, old_classes + incoming, image_size)
     load_seconds = time.perf_counter() - clock
 
-    before: HoldoutScores | None = None
+    results: list[StepResult] = []
+    before = Outcomes((), ())
     if parent is not None:
-        before = holdout_scores(model, data.old_holdout, data.new_holdout, device)
+        before = Outcomes.of(predict_logits(model, old_holdout, device), old_holdout.labels, old_classes)
+        sets, refused = screen_labels(model, before, sets, old_classes, settings.gate_label_alpha, device)
+        for s, verdict in refused:
+            log.warning("rejected update set %s before training: %s", s.update.update_id, verdict.reason)
+            results.append(record_outcome(ledger, [s.update], "rejected", verdict.reason, {"gate": verdict.reason, "warm_start_from": parent.version}))
+        if not sets:
+            return results
+
+    # Classes in the order they first appear; a refused set's new classes are not added.
+    new_classes = [c for c in incoming if any(c in s.update.labels for s in sets)]
+    classes = old_classes + new_classes
+    new_train = SampleTensors.join([s.train for s in sets], {c: i for i, c in enumerate(classes)})
+    new_holdout = SampleTensors.join([s.holdout for s in sets], {c: i for i, c in enumerate(classes)})
+    log.info(
+        "applying %d update set(s) on top of version %s: %d new samples, %d old, new classes %s",
+        len(sets), parent.version if parent else None, len(new_train), len(old_train), new_classes,
+    )
+    holdout_before = None
+    if parent is not None:
+        new_before = Outcomes.of(predict_logits(model, new_holdout, device), new_holdout.labels, old_classes)
+        holdout_before = holdout_summary(before, new_before)
         grow_head(model, len(new_classes), settings.head_init, generator)
 
-    n_old, n_new = len(data.old_train), len(data.new_train)
-    iterations = iterations_for(settings.iterations, n_new, n_old + n_new, settings.batch_size)
-    stats = fine_tune(model, data.old_train, data.new_train, TrainConfig.from_settings(settings, iterations), device, generator)
+    stats = train_candidate(settings, model, old_train, new_train, new_holdout, parent is None, device, generator)
 
     clock = time.perf_counter()
-    after = holdout_scores(model, data.old_holdout, data.new_holdout, device)
-    verdict = judge(before, after, stats.loss, settings.gate_max_old_drop, settings.gate_significance_z)
+    old_logits = predict_logits(model, old_holdout, device)
+    old_after = Outcomes.of(old_logits, old_holdout.labels, classes)
+    new_after = Outcomes.of(predict_logits(model, new_holdout, device), new_holdout.labels, classes)
+    kept = Outcomes.of(old_logits, old_holdout.labels, old_classes)  # read among the old classes only
+    verdict = check_training(stats.loss)
+    if verdict.passed:
+        verdict = check_old_knowledge(before, kept, settings.gate_max_old_drop, settings.gate_significance_z)
     metrics: dict[str, Any] = {
+        "first_version": parent is None,
         "iterations": stats.iterations,
+        "epochs": stats.epochs,
+        "lr": settings.first_version_lr if parent is None else settings.lr,
         "loss": stats.loss,
         "replay_lambda": settings.replay_lambda,
-        "samples_old": n_old,
-        "samples_new": n_new,
+        "samples_old": len(old_train),
+        "samples_new": len(new_train),
         "new_classes": new_classes,
         "warm_start_from": parent.version if parent else None,
         "seed": seed,
-        "holdout_before": before.as_dict() if before else None,
-        "holdout_after": after.as_dict(),
+        "holdout_before": holdout_before,
+        "holdout_after": holdout_summary(old_after, new_after),
+        "holdout_after_per_class": per_class(Outcomes(old_after.true + new_after.true, old_after.predicted + new_after.predicted)),
+        "old_classes_apart": {"before": before.accuracy(), "after": kept.accuracy()},
         "gate": verdict.reason,
         "load_seconds": load_seconds,
         "train_seconds": stats.seconds,
@@ -191,35 +255,47 @@ def apply_step(settings: Settings, ledger: Ledger, pending: list[UpdateSet], loc
     }
     if lock.lost:
         raise LockLost("the lineage lease expired during training; leaving the update to the new holder")
-    parent_version = parent.version if parent else None
+    accepted = [s.update for s in sets]
     if not verdict.passed:
-        outcome = Outcome(
-            outcome_id=uuid.uuid4().hex,
-            status="rejected",
-            parent=parent_version,
-            update_ids=update_ids,
-            reason=verdict.reason,
-            metrics=metrics,
-        )
-        ledger.snapshots.record_outcome(outcome)
-        log.warning("rejected update set(s) %s: %s", update_ids, verdict.reason)
-        return StepResult("rejected", update_ids, reason=verdict.reason, metrics=metrics)
+        log.warning("rejected update set(s) %s: %s", [u.update_id for u in accepted], verdict.reason)
+        return results + [record_outcome(ledger, accepted, "rejected", verdict.reason, metrics)]
 
     clock = time.perf_counter()
     meta = SnapshotMeta(
         version=0,  # assigned by publish
-        parent=parent_version,
-        classes=old_classes + new_classes,
+        parent=parent.version if parent else None,
+        classes=classes,
         arch=parent.arch if parent else settings.arch,
         image_size=image_size,
         base_weights=parent.base_weights if parent else settings.base_weights,
-        update_ids=update_ids,
+        update_ids=[u.update_id for u in accepted],
         metrics=metrics,
     )
     version = ledger.snapshots.publish(model.state_dict(), meta)
     metrics["publish_seconds"] = time.perf_counter() - clock
     log.info(
-        "published version %d (%d classes): holdout old %s new %s; %d iterations in %.1fs; written in %.2fs",
-        version, len(meta.classes), after.old, after.new, stats.iterations, stats.seconds, metrics["publish_seconds"],
+        "published version %d (%d classes): holdout %s; %d iterations in %.1fs; written in %.2fs",
+        version, len(classes), metrics["holdout_after"], stats.iterations, stats.seconds, metrics["publish_seconds"],
     )
-    return StepResult("applied", update_ids, version=version, metrics=metrics)
+    return results + [StepResult("applied", meta.update_ids, version=version, metrics=metrics)]
+
+
+def train_candidate(
+    settings: Settings,
+    model: nn.Module,
+    old_train: SampleTensors,
+    new_train: SampleTensors,
+    new_holdout: SampleTensors,
+    first: bool,
+    device: torch.device,
+    generator: torch.Generator,
+) -> TrainStats:
+    """The first version trains until its holdout stops improving; every later one is the paper's short fine-tune."""
+    if first:
+        cfg = TrainConfig.from_settings(settings, 0, lr=settings.first_version_lr)
+        return train_first_version(
+            model, new_train, new_holdout, cfg, settings.bootstrap_max_epochs, settings.bootstrap_patience, device, generator
+        )
+    n_old, n_new = len(old_train), len(new_train)
+    iterations = iterations_for(settings.iterations, n_new, n_old + n_new, settings.batch_size)
+    return fine_tune(model, old_train, new_train, TrainConfig.from_settings(settings, iterations), device, generator)

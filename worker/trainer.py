@@ -1,8 +1,16 @@
-"""The fine-tune of one update step, and evaluation: read top to bottom, as the method reads.
+"""Training and evaluation: read top to bottom, as the method reads.
+
+An update step (fine_tune), warm-started from the current version:
 
     for each of N iterations:
         draw 64 samples: each from old data D_{t-1} with probability λ, else from the update U_t
         forward, cross-entropy loss, backward, SGD step (lr 0.001, momentum 0.9, weight decay 0.0005)
+
+The first version (train_first_version), from the base weights:
+
+    for each epoch, up to a budget:
+        SGD over the shuffled samples (lr 0.01 from random weights)
+        score the holdout; keep the best weights; stop after `patience` epochs without a better score
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from app.images import decode_image, pixel_transform, to_model_input, to_pixels
+from app.model import head_of
 from app.samples import Sample
 from app.settings import Settings
 from worker.sampler import ReplaySampler
@@ -27,20 +36,22 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """The hyper-parameters of one training run; their defaults live in Settings only."""
+
     iterations: int
-    batch_size: int = 64
-    lr: float = 0.001
-    momentum: float = 0.9
-    weight_decay: float = 0.0005
-    replay_lambda: float = 0.75
-    log_every: int = 50
+    batch_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    replay_lambda: float
+    log_every: int
 
     @classmethod
-    def from_settings(cls, settings: Settings, iterations: int) -> TrainConfig:
+    def from_settings(cls, settings: Settings, iterations: int, lr: float | None = None) -> TrainConfig:
         return cls(
             iterations=iterations,
             batch_size=settings.batch_size,
-            lr=settings.lr,
+            lr=lr or settings.lr,
             momentum=settings.momentum,
             weight_decay=settings.weight_decay,
             replay_lambda=settings.replay_lambda,
@@ -63,10 +74,23 @@ class SampleTensors:
     def __init__(self, samples: Sequence[Sample], class_index: Mapping[str, int], image_size: int) -> None:
         self.samples = list(samples)
         self.labels = [s.label for s in self.samples]
+        self.class_index = class_index
+        self.image_size = image_size
         # -1 marks a label the model has no output for (yet): always counted wrong.
         self.targets = torch.tensor([class_index.get(s.label, -1) for s in self.samples], dtype=torch.long)
         self.transform = pixel_transform(image_size)
         self._pixels: dict[int, torch.Tensor] = {}
+
+    @classmethod
+    def join(cls, parts: Sequence[SampleTensors], class_index: Mapping[str, int] | None = None) -> SampleTensors:
+        """Several parts as one (targets under class_index, else the first part's), keeping what they decoded."""
+        first = parts[0]
+        joined = cls([s for p in parts for s in p.samples], class_index or first.class_index, first.image_size)
+        offset = 0
+        for part in parts:
+            joined._pixels.update({offset + i: pixels for i, pixels in part._pixels.items()})
+            offset += len(part)
+        return joined
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -87,6 +111,12 @@ class TrainStats:
     iterations: int
     loss: float
     seconds: float
+    epochs: float | None = None
+
+
+def autocast(device: torch.device) -> torch.autocast:
+    """bf16 autocast on a GPU; plain float32 on the CPU."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 def replay_batch(old: SampleTensors, new: SampleTensors, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,34 +136,89 @@ def fine_tune(
 ) -> TrainStats:
     """Run cfg.iterations SGD steps over the λ-replay sampler; the model is trained in place."""
     start = time.perf_counter()
-    model.to(device).train()
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+    optimizer = prepare_training(model, cfg, device)
     sampler = ReplaySampler(len(old), len(new), cfg.replay_lambda, generator)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     losses: list[torch.Tensor] = []
     for it in range(1, cfg.iterations + 1):
-        pixels, targets = replay_batch(old, new, sampler.draw(cfg.batch_size))
-        x, y = to_model_input(pixels, device), targets.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.detach())
+        losses.append(sgd_step(model, optimizer, *replay_batch(old, new, sampler.draw(cfg.batch_size)), device))
         if it % cfg.log_every == 0 or it == cfg.iterations:
-            log.info("iteration %d/%d  loss %.4f  %.1fs", it, cfg.iterations, loss.item(), time.perf_counter() - start)
+            log.info("iteration %d/%d  loss %.4f  %.1fs", it, cfg.iterations, losses[-1].item(), time.perf_counter() - start)
     final_loss = torch.stack(losses[-10:]).float().mean().item()
     return TrainStats(cfg.iterations, final_loss, time.perf_counter() - start)
 
 
+def prepare_training(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    model.to(device).train()
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def sgd_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, pixels: torch.Tensor, targets: torch.Tensor, device: torch.device
+) -> torch.Tensor:
+    """Forward, cross-entropy loss, backward, step; returns the loss."""
+    x, y = to_model_input(pixels, device), targets.to(device, non_blocking=True)
+    with autocast(device):
+        loss = F.cross_entropy(model(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def train_first_version(
+    model: nn.Module,
+    train: SampleTensors,
+    holdout: SampleTensors,
+    cfg: TrainConfig,
+    max_epochs: int,
+    patience: int,
+    device: torch.device,
+    generator: torch.Generator,
+) -> TrainStats:
+    """Epochs over the shuffled samples until the holdout stops improving; the model ends with the best epoch's weights.
+
+    Better means a higher holdout accuracy, or the same accuracy at a lower holdout loss: a small
+    holdout reaches 1.0 early, and its loss still says whether training helps. Without a holdout
+    every epoch of the budget runs.
+    """
+    start = time.perf_counter()
+    best: tuple[float, float] | None = None
+    best_state: dict[str, torch.Tensor] = {}
+    since_best = iterations = 0
+    losses: list[torch.Tensor] = []
+    optimizer = prepare_training(model, cfg, device)
+    for epoch in range(1, max_epochs + 1):
+        model.train()  # evaluate() left it in eval mode
+        order = torch.randperm(len(train), generator=generator)
+        for lo in range(0, len(order), cfg.batch_size):
+            losses.append(sgd_step(model, optimizer, *train.batch(order[lo : lo + cfg.batch_size].tolist()), device))
+            iterations += 1
+        if not len(holdout):
+            continue
+        scores = evaluate(model, holdout, device)
+        score = (scores.score() or 0.0, -scores.loss)
+        log.info("epoch %d  train loss %.4f  holdout accuracy %.3f loss %.4f", epoch, losses[-1].item(), score[0], -score[1])
+        if best is None or score > best:
+            best, since_best = score, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        elif (since_best := since_best + 1) >= patience:
+            break
+    if best_state:
+        model.load_state_dict(best_state)
+    final_loss = torch.stack(losses[-10:]).float().mean().item() if losses else float("nan")
+    return TrainStats(iterations, final_loss, time.perf_counter() - start, epochs=epoch)
+
+
 @dataclass
 class Accuracy:
-    """Correct and total predictions per true label."""
+    """Correct and total predictions per true label, and the mean loss."""
 
     correct: dict[str, int] = field(default_factory=dict)
     total: dict[str, int] = field(default_factory=dict)
     hits: list[bool] = field(default_factory=list)  # per sample, in order
+    loss: float = float("nan")  # mean cross-entropy over samples of classes the model has
 
     def score(self, labels: Iterable[str] | None = None) -> float | None:
         """Accuracy over the given labels (all by default); None when there is no sample of them."""
@@ -147,21 +232,27 @@ class Accuracy:
 
 
 @torch.no_grad()
-def predict_labels(model: nn.Module, samples: SampleTensors, device: torch.device, batch_size: int = 256) -> torch.Tensor:
-    """Index of the top class for every sample."""
+def predict_logits(model: nn.Module, samples: SampleTensors, device: torch.device, batch_size: int = 256) -> torch.Tensor:
+    """The model's (N, classes) float32 logits for every sample, on the CPU."""
     model.to(device).eval()
     out = []
     for lo in range(0, len(samples), batch_size):
         pixels, _ = samples.batch(range(lo, min(lo + batch_size, len(samples))))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out.append(model(to_model_input(pixels, device)).argmax(dim=1).cpu())
-    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+        with autocast(device):
+            out.append(model(to_model_input(pixels, device)).float().cpu())
+    return torch.cat(out) if out else torch.empty(0, head_of(model).out_features)
 
 
 def evaluate(model: nn.Module, samples: SampleTensors, device: torch.device) -> Accuracy:
-    """Accuracy of the model on labelled samples, per label."""
-    hits = (predict_labels(model, samples, device) == samples.targets).tolist()
-    acc = Accuracy(hits=[bool(h) for h in hits])
+    """Accuracy of the model on labelled samples, per label, and its mean loss."""
+    return accuracy_of(predict_logits(model, samples, device), samples)
+
+
+def accuracy_of(logits: torch.Tensor, samples: SampleTensors) -> Accuracy:
+    hits = (logits.argmax(dim=1) == samples.targets).tolist() if len(samples) else []
+    known = (samples.targets >= 0) & (samples.targets < logits.shape[1])
+    loss = F.cross_entropy(logits[known], samples.targets[known]).item() if known.any() else float("nan")
+    acc = Accuracy(hits=[bool(h) for h in hits], loss=loss)
     for label, hit in zip(samples.labels, hits, strict=True):
         acc.total[label] = acc.total.get(label, 0) + 1
         acc.correct[label] = acc.correct.get(label, 0) + int(hit)
