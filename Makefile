@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEBIAN_PACKAGES := dataset-fashion-mnist redis-server docker-compose
 REDIS_PORT ?= 6379
 
-.PHONY: install system-deps redis test demo bench experiment clean
+.PHONY: install system-deps redis test demo bench bench-stream experiment clean
 
 install: system-deps $(STAMP)
 
@@ -41,6 +41,11 @@ demo: install
 bench: install
 	$(BIN)/warmtune bench update-step --arch resnet18 --image-size 32
 	$(BIN)/warmtune bench predict
+
+# The learning loop over HTTP, clean and poisoned streams plus the joint-training bound (about 15 + 25 minutes on 2 cores).
+bench-stream: install
+	$(BIN)/warmtune bench stream --arch resnet18 --image-size 32
+	$(BIN)/warmtune bench stream --arch alexnet --image-size 64
 
 experiment: install
 	$(BIN)/warmtune experiment --study all --quick --out var/experiment-quick

@@ -47,6 +47,17 @@ def cmd_update(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if all(r.status == "applied" for r in results) else 1
 
 
+def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
+    """Queue rejected, failed or orphaned update sets again (the service or a worker applies them)."""
+    from app.ledger import Ledger
+
+    ledger = Ledger(settings)
+    for update_id in args.update_ids:
+        ledger.requeue(update_id, "retried from the command line")
+        print(f"queued {update_id} again; `warmtune update` applies it now, a running service on its next poll")
+    return 0
+
+
 def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
     """Store update sets taken from Fashion-MNIST or an image folder, as an annotator would post them."""
     from app.datasets import load_source
@@ -119,7 +130,7 @@ def cmd_experiment(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-BENCHMARKS = {"update-step": "bench.update_step", "predict": "bench.predict"}
+BENCHMARKS = {"update-step": "bench.update_step", "predict": "bench.predict", "stream": "bench.stream"}
 
 
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
@@ -166,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--home", type=Path, default=None, help="WARMTUNE_HOME to use (default: a new temporary one)")
     demo.add_argument("--seed", type=int, default=0)
 
-    bench = sub.add_parser("bench", help="run a benchmark: update-step or predict (add --help after its name)")
+    bench = sub.add_parser("bench", help="run a benchmark: update-step, predict or stream (add --help after its name)")
     bench.add_argument("name", choices=sorted(BENCHMARKS))
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="the benchmark's own flags")
 
@@ -189,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("update", help="apply the pending update sets once")
 
+    retry = sub.add_parser("retry", help="queue rejected, failed or orphaned update sets again")
+    retry.add_argument("update_ids", nargs="+", metavar="UPDATE_ID")
+
     ingest = sub.add_parser("ingest", help="store update sets from Fashion-MNIST or an image folder")
     ingest.add_argument("--data", default="fashion-mnist", help="'fashion-mnist' or a folder of class sub-folders")
     ingest.add_argument("--classes", default="", help="comma-separated class names (default: all)")
@@ -198,13 +212,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"serve": cmd_serve, "worker": cmd_worker, "demo": cmd_demo, "bench": cmd_bench, "experiment": cmd_experiment, "update": cmd_update, "ingest": cmd_ingest}
+COMMANDS = {
+    "serve": cmd_serve, "worker": cmd_worker, "demo": cmd_demo, "bench": cmd_bench, "experiment": cmd_experiment,
+    "update": cmd_update, "retry": cmd_retry, "ingest": cmd_ingest,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
+    from app.errors import WarmtuneError
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return COMMANDS[args.command](args, get_settings())
+    try:
+        return COMMANDS[args.command](args, get_settings())
+    except WarmtuneError as exc:  # a refusal with a message, not a traceback
+        print(f"warmtune {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

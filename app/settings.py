@@ -36,6 +36,9 @@ class Settings(BaseSettings):
 
     # The method (Käding et al. 2016 defaults)
     lr: float = Field(0.001, gt=0, description="SGD learning rate of an update step.")
+    head_lr_factor: float = Field(
+        1.0, gt=0, description="An update step trains the classifier head at lr times this (Caffe's lr_mult)."
+    )
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
     weight_decay: float = Field(0.0005, ge=0, description="L2 weight decay.")
     batch_size: int = Field(64, ge=1, description="Minibatch size of the fine-tune.")
@@ -51,9 +54,9 @@ class Settings(BaseSettings):
         gt=0,
         description="Learning rate of the first version; unset: 0.01 from random weights (base weights none), else lr.",
     )
-    bootstrap_max_epochs: int = Field(60, ge=1, description="Most epochs the first version trains for.")
+    bootstrap_max_epochs: int = Field(100, ge=1, description="Most epochs the first version trains for.")
     bootstrap_patience: int = Field(
-        8, ge=1, description="The first version stops after this many epochs without a better holdout score."
+        10, ge=1, description="The first version stops after this many epochs without a lower holdout loss."
     )
     holdout_fraction: float = Field(0.1, ge=0, lt=1, description="Fraction of each update set kept for the gate.")
     gate_max_old_drop: float = Field(

@@ -1,29 +1,34 @@
 """The CLI on real data: Debian's Fashion-MNIST, ingested and learned by `warmtune update`."""
 
 import os
+import random
 import re
 import subprocess
 import sys
+from pathlib import Path
 
+from app.datasets import fashion_mnist
+from app.ledger import Ledger
 from app.settings import Settings
 
 
-def warmtune(*args: str, env: dict[str, str]) -> str:
+def warmtune(*args: str, env: dict[str, str], code: int = 0) -> str:
     result = subprocess.run(
         [sys.executable, "-m", "app.cli", *args], capture_output=True, text=True, env={**os.environ, **env}, timeout=600
     )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout
+    assert result.returncode == code, result.stdout + result.stderr
+    return result.stdout + (result.stderr if code else "")
 
 
 def holdout_all(line: str) -> float:
     return float(re.search(r"all (\d\.\d+)", line).group(1))
 
 
-def test_help_lists_every_setting():
-    out = warmtune("--help", env={})
-    for name in Settings.model_fields:
-        assert f"WARMTUNE_{name.upper()}" in out
+def test_the_readme_documents_every_setting_with_its_default():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for name, field in Settings.model_fields.items():
+        default = field.default_factory() if field.default_factory else field.default
+        assert f"| `WARMTUNE_{name.upper()}` | `{default}` |" in readme, name
 
 
 def test_ingest_and_update_learn_fashion_mnist(tmp_path):
@@ -39,3 +44,16 @@ def test_ingest_and_update_learn_fashion_mnist(tmp_path):
     [second] = warmtune("update", env=env).splitlines()
     assert "applied  4 set(s) -> version 2" in second and "3 classes" in second
     assert holdout_all(second) >= 0.6  # chance is 0.33
+
+    # trousers labelled Bag: refused, retried from the command line, refused again
+    ledger = Ledger(Settings(home=tmp_path))
+    trousers = fashion_mnist("test").take("Trouser", 10, random.Random(3))
+    slip, _ = ledger.samples.add(trousers, ["Bag"] * 10, known_classes=["Trouser", "Bag", "Sneaker"])
+    [refused] = warmtune("update", env=env, code=1).splitlines()
+    assert refused.startswith("rejected 1 set(s)") and "look like 'Trouser'" in refused
+    assert "queued " + slip.update_id in warmtune("retry", slip.update_id, env=env)
+    assert ledger.status(slip.update_id).status == "queued"
+    warmtune("update", env=env, code=1)
+    assert [a.status for a in ledger.status(slip.update_id).attempts] == ["rejected", "requeued", "rejected"]
+    applied = ledger.snapshots.meta(1).update_ids[0]
+    assert "is applied; only rejected, failed, orphaned sets can be retried" in warmtune("retry", applied, env=env, code=2)

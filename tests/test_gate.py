@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from worker.gate import Outcomes, check_labels, check_old_knowledge, check_training, poisson_binomial_cdf
+from worker.gate import Outcomes, beta_binomial_cdf, check_labels, check_old_knowledge, check_training
 
 
 def outcomes(*groups: tuple[str, str, int]) -> Outcomes:
@@ -17,10 +17,12 @@ def outcomes(*groups: tuple[str, str, int]) -> Outcomes:
 KNOWN = outcomes(("Shirt", "Shirt", 9), ("Shirt", "Coat", 1), ("Trouser", "Trouser", 10), ("Coat", "Coat", 8), ("Coat", "Shirt", 2))
 
 
-def test_poisson_binomial_matches_the_binomial_for_equal_probabilities():
-    assert poisson_binomial_cdf(2, [0.5] * 4) == pytest.approx(11 / 16)
-    assert poisson_binomial_cdf(0, [0.9, 0.8]) == pytest.approx(0.1 * 0.2)
-    assert poisson_binomial_cdf(5, [0.3] * 5) == pytest.approx(1.0)
+def test_beta_binomial_trusts_a_rate_as_far_as_its_samples_go():
+    # seen 3 of 3: 3 or fewer of 10 is unlikely but possible; seen 30 of 30: next to impossible
+    assert 0.01 < beta_binomial_cdf(3, 10, 3, 3) < 0.05
+    assert beta_binomial_cdf(3, 10, 30, 30) < 1e-5
+    assert beta_binomial_cdf(10, 10, 1, 4) == pytest.approx(1.0)
+    assert beta_binomial_cdf(1, 2, 0, 0) == pytest.approx(2 / 3)  # uniform rate: 0, 1 and 2 equally likely
 
 
 def test_a_clean_set_of_a_known_class_passes_the_label_check():
@@ -32,15 +34,36 @@ def test_a_known_class_labelled_as_another_known_class_is_refused_naming_both():
     slip = outcomes(("Trouser", "Shirt", 9), ("Trouser", "Trouser", 1))  # shirts labelled Trouser
     verdict = check_labels(KNOWN, slip, alpha=0.01)
     assert not verdict.passed
-    assert "9 of 10 images labelled 'Trouser' are something else to it (most often 'Shirt')" in verdict.reason
+    assert "9 of 10 images labelled 'Trouser' look like 'Shirt'" in verdict.reason
+    assert "mistakes 'Trouser' for 'Shirt' on 0 of 10 holdout images" in verdict.reason
+
+
+def test_the_reason_gives_a_small_p_value_for_a_clear_slip():
+    verdict = check_labels(KNOWN, outcomes(("Trouser", "Shirt", 10)), alpha=0.01)
+    assert float(verdict.reason.rsplit("p = ", 1)[1].split(" ")[0]) < 1e-4
+
+
+def test_a_look_alike_class_labelled_as_its_twin_is_refused_by_the_confusion_test():
+    # The version mixes Shirt and Coat up now and then (1 and 2 of 10), so agreement alone
+    # cannot tell; coats labelled Shirt all going to Coat can.
+    slip = outcomes(("Shirt", "Coat", 9), ("Shirt", "Shirt", 1))
+    verdict = check_labels(KNOWN, slip, alpha=0.01)
+    assert not verdict.passed and "9 of 10 images labelled 'Shirt' look like 'Coat'" in verdict.reason
+
+
+def test_a_class_known_from_a_few_holdout_samples_is_not_trusted_beyond_them():
+    # Three holdout samples, all right: a clean set the version gets mostly wrong still passes
+    # (seen in the stream benchmark: the second set of a class learned one step before).
+    barely = outcomes(("Sneaker", "Sneaker", 3), ("Boot", "Boot", 20))
+    assert check_labels(barely, outcomes(("Sneaker", "Boot", 7), ("Sneaker", "Sneaker", 3)), alpha=0.01).passed
 
 
 def test_a_set_with_half_its_labels_wrong_is_refused():
-    half = outcomes(
-        ("Shirt", "Shirt", 3), ("Trouser", "Trouser", 2), ("Coat", "Coat", 1),  # right
-        ("Shirt", "Trouser", 2), ("Trouser", "Coat", 2), ("Coat", "Shirt", 2),  # wrong
-    )
-    assert not check_labels(KNOWN, half, alpha=0.01).passed
+    # A version that knows Trouser from 20 holdout images; half the set's "Trouser" are other things.
+    known = outcomes(("Trouser", "Trouser", 20), ("Shirt", "Shirt", 18), ("Shirt", "Coat", 2), ("Coat", "Coat", 20))
+    half = outcomes(("Trouser", "Trouser", 5), ("Trouser", "Shirt", 2), ("Trouser", "Coat", 2), ("Trouser", "Dress", 1))
+    verdict = check_labels(known, half, alpha=0.01)
+    assert not verdict.passed and "5 of 10 images labelled 'Trouser' agree with it" in verdict.reason
 
 
 def test_new_classes_are_not_label_checked_and_the_check_can_be_switched_off():

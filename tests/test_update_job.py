@@ -58,7 +58,7 @@ def test_three_steps_then_a_poisoned_set_is_rejected(settings):
     assert [r.status for r in r4] == ["rejected", "rejected"] and {r.update_ids[0] for r in r4} == set(poison)
     assert ledger.snapshots.current() == 3 and ledger.snapshots.versions() == [1, 2, 3]
     status = ledger.status(poison[0])
-    assert status.status == "rejected" and "labelled 'red' are something else to it (most often 'green')" in status.error
+    assert status.status == "rejected" and "60 of 60 images labelled 'red' look like 'green'" in status.error
 
     assert [ledger.status(u).status for u in [first, second, *third]] == ["applied"] * 4
     assert ledger.status(second).model_version == 2
@@ -67,13 +67,13 @@ def test_three_steps_then_a_poisoned_set_is_rejected(settings):
 
 
 def test_without_the_label_check_the_candidate_that_forgets_old_classes_is_refused(make_settings):
-    settings = make_settings(gate_label_alpha=0.0)
+    settings = make_settings(gate_label_alpha=0.0, iterations="100")  # enough steps for the poison to do its damage
     ledger = Ledger(settings)
-    add(ledger, *make_set({"red": 30, "green": 30, "blue": 30}, seed=1))
+    add(ledger, *make_set({"red": 60, "green": 60, "blue": 60}, seed=1))  # a holdout of 18
     apply_pending_updates(settings)
     poison = add(ledger, *poisoned_set("green", "red", 60, seed=5))
     [result] = apply_pending_updates(settings)
-    assert result.status == "rejected", result.metrics
+    assert result.status == "rejected", (result.metrics["gate"], result.metrics["holdout_after_per_class"])
     status = ledger.status(poison)
     assert "the candidate would forget old classes" in status.error and "green" in status.error
     before, after = status.metrics["old_classes_apart"]["before"], status.metrics["old_classes_apart"]["after"]

@@ -237,6 +237,7 @@ def apply_step(settings: Settings, ledger: Ledger, pending: list[UpdateSet], loc
         "iterations": stats.iterations,
         "epochs": stats.epochs,
         "lr": settings.first_version_lr if parent is None else settings.lr,
+        "head_lr": settings.first_version_lr if parent is None else settings.lr * settings.head_lr_factor,
         "loss": stats.loss,
         "replay_lambda": settings.replay_lambda,
         "samples_old": len(old_train),
@@ -292,7 +293,7 @@ def train_candidate(
 ) -> TrainStats:
     """The first version trains until its holdout stops improving; every later one is the paper's short fine-tune."""
     if first:
-        cfg = TrainConfig.from_settings(settings, 0, lr=settings.first_version_lr)
+        cfg = TrainConfig.from_settings(settings, 0, first_version=True)
         return train_first_version(
             model, new_train, new_holdout, cfg, settings.bootstrap_max_epochs, settings.bootstrap_patience, device, generator
         )

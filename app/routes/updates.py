@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.concurrency import run_in_threadpool
@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from app.auth import require
 from app.errors import MalformedRequest
-from app.ledger import Status
+from app.ledger import Status, UpdateStatus
 from app.routes.uploads import IMAGE_FILES, multipart_body, read_files, read_form
 
 router = APIRouter(tags=["updates"])
@@ -27,6 +27,14 @@ class UpdateAccepted(BaseModel):
     new_classes: list[str]
 
 
+class AttemptOut(BaseModel):
+    status: Literal["applied", "rejected", "failed", "requeued"]
+    at: float
+    model_version: int | None
+    reason: str | None
+    metrics: dict[str, Any]
+
+
 class UpdateStatusOut(BaseModel):
     update_id: str
     status: Status
@@ -34,6 +42,12 @@ class UpdateStatusOut(BaseModel):
     model_version: int | None
     metrics: dict[str, Any]
     error: str | None
+    attempts: list[AttemptOut]
+
+    @classmethod
+    def of(cls, status: UpdateStatus) -> UpdateStatusOut:
+        attempts = [AttemptOut(**a.as_dict()) for a in status.attempts]
+        return cls(**{**status.__dict__, "attempts": attempts})
 
 
 def known_classes(request: Request) -> list[str]:
@@ -78,6 +92,21 @@ async def post_update(
 
 @router.get("/updates/{update_id}", response_model=UpdateStatusOut, dependencies=[Depends(require("annotate"))])
 async def get_update(request: Request, update_id: str) -> UpdateStatusOut:
-    """Status of an update set, with the step's metrics (holdout accuracies, iterations, seconds)."""
+    """Status of an update set, with the step's metrics (holdout accuracies, iterations, seconds) and every attempt."""
     status = await run_in_threadpool(request.app.state.ledger.status, update_id)
-    return UpdateStatusOut(**status.__dict__)
+    return UpdateStatusOut.of(status)
+
+
+@router.post(
+    "/updates/{update_id}/retry",
+    status_code=202,
+    response_model=UpdateStatusOut,
+    dependencies=[Depends(require("annotate"))],
+)
+async def retry_update(request: Request, response: Response, update_id: str) -> UpdateStatusOut:
+    """Queue a rejected, failed or orphaned update set again (409 for any other)."""
+    state = request.app.state
+    await run_in_threadpool(state.ledger.requeue, update_id, "retried on request")
+    await run_in_threadpool(state.queue.submit)
+    response.headers["Location"] = f"/updates/{update_id}"
+    return UpdateStatusOut.of(await run_in_threadpool(state.ledger.status, update_id))
