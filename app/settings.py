@@ -35,9 +35,11 @@ class Settings(BaseSettings):
     )
 
     # The method (Käding et al. 2016 defaults)
-    lr: float = Field(0.001, gt=0, description="SGD learning rate of an update step.")
-    head_lr_factor: float = Field(
-        1.0, gt=0, description="An update step trains the classifier head at lr times this (Caffe's lr_mult)."
+    lr: float | None = Field(
+        None,
+        gt=0,
+        description="SGD learning rate of every step; unset: 0.01 from random weights (base weights none), "
+        "the paper's 0.001 from imagenet or a state dict.",
     )
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
     weight_decay: float = Field(0.0005, ge=0, description="L2 weight decay.")
@@ -48,11 +50,6 @@ class Settings(BaseSettings):
     iterations: str = Field(
         "update-size",
         description="SGD iterations per update: update-size (|U_t|), epochs:<fraction> of D_t, or a number.",
-    )
-    bootstrap_lr: float | None = Field(
-        None,
-        gt=0,
-        description="Learning rate of the first version; unset: 0.01 from random weights (base weights none), else lr.",
     )
     bootstrap_max_epochs: int = Field(100, ge=1, description="Most epochs the first version trains for.")
     bootstrap_patience: int = Field(
@@ -108,11 +105,11 @@ class Settings(BaseSettings):
     poll_interval_s: float = Field(2.0, gt=0, description="How often each API replica checks the snapshot pointer.")
 
     @property
-    def first_version_lr(self) -> float:
+    def learning_rate(self) -> float:
         """Random weights need a far larger rate than the paper's fine-tuning rate to move at all."""
-        if self.bootstrap_lr is not None:
-            return self.bootstrap_lr
-        return 0.01 if self.base_weights == "none" else self.lr
+        if self.lr is not None:
+            return self.lr
+        return 0.01 if self.base_weights == "none" else 0.001
 
     @field_validator("iterations")
     @classmethod

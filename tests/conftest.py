@@ -14,7 +14,7 @@ from app.settings import Settings  # noqa: E402
 # in a handful of iterations on a CPU.
 FAST = {
     "arch": "resnet18", "image_size": 32, "seed": 0, "device": "cpu", "batch_size": 32,
-    "bootstrap_max_epochs": 15, "bootstrap_patience": 3,
+    "bootstrap_max_epochs": 20, "bootstrap_patience": 10,
 }
 
 

@@ -236,8 +236,7 @@ def apply_step(settings: Settings, ledger: Ledger, pending: list[UpdateSet], loc
         "first_version": parent is None,
         "iterations": stats.iterations,
         "epochs": stats.epochs,
-        "lr": settings.first_version_lr if parent is None else settings.lr,
-        "head_lr": settings.first_version_lr if parent is None else settings.lr * settings.head_lr_factor,
+        "lr": settings.learning_rate,
         "loss": stats.loss,
         "replay_lambda": settings.replay_lambda,
         "samples_old": len(old_train),
@@ -293,7 +292,7 @@ def train_candidate(
 ) -> TrainStats:
     """The first version trains until its holdout stops improving; every later one is the paper's short fine-tune."""
     if first:
-        cfg = TrainConfig.from_settings(settings, 0, first_version=True)
+        cfg = TrainConfig.from_settings(settings, 0)
         return train_first_version(
             model, new_train, new_holdout, cfg, settings.bootstrap_max_epochs, settings.bootstrap_patience, device, generator
         )

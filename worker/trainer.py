@@ -4,12 +4,13 @@ An update step (fine_tune), warm-started from the current version:
 
     for each of N iterations:
         draw 64 samples: each from old data D_{t-1} with probability λ, else from the update U_t
-        forward, cross-entropy loss, backward, SGD step (lr 0.001, momentum 0.9, weight decay 0.0005)
+        forward, cross-entropy loss, backward, SGD step (momentum 0.9, weight decay 0.0005; lr 0.001 from
+        pretrained weights as in the paper, 0.01 in a lineage that started from random weights)
 
 The first version (train_first_version), from the base weights:
 
     for each epoch, up to a budget:
-        SGD over the shuffled samples (lr 0.01 from random weights)
+        SGD over the shuffled samples
         score the holdout; keep the best weights; stop after `patience` epochs without a better score
 """
 
@@ -41,21 +42,17 @@ class TrainConfig:
     iterations: int
     batch_size: int
     lr: float
-    head_lr: float
     momentum: float
     weight_decay: float
     replay_lambda: float
     log_every: int
 
     @classmethod
-    def from_settings(cls, settings: Settings, iterations: int, first_version: bool = False) -> TrainConfig:
-        """The first version trains every layer at its own rate; an update step trains the head faster."""
-        lr = settings.first_version_lr if first_version else settings.lr
+    def from_settings(cls, settings: Settings, iterations: int) -> TrainConfig:
         return cls(
             iterations=iterations,
             batch_size=settings.batch_size,
-            lr=lr,
-            head_lr=lr if first_version else lr * settings.head_lr_factor,
+            lr=settings.learning_rate,
             momentum=settings.momentum,
             weight_decay=settings.weight_decay,
             replay_lambda=settings.replay_lambda,
@@ -155,10 +152,7 @@ def prepare_training(model: nn.Module, cfg: TrainConfig, device: torch.device) -
     model.to(device).train()
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    head = list(head_of(model).parameters())
-    body = [p for p in model.parameters() if all(p is not h for h in head)]
-    groups = [{"params": body, "lr": cfg.lr}, {"params": head, "lr": cfg.head_lr}]
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 def sgd_step(
