@@ -168,6 +168,15 @@ def sgd_step(
     return loss.detach()
 
 
+def full_batches(order: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The order, wrapped around so that the last batch is full too.
+
+    A last batch of a few samples would refit BatchNorm's running statistics to those few.
+    """
+    short = -len(order) % batch_size
+    return torch.cat([order, order[:short]]) if len(order) > batch_size else order
+
+
 def train_first_version(
     model: nn.Module,
     train: SampleTensors,
@@ -193,7 +202,7 @@ def train_first_version(
     optimizer = prepare_training(model, cfg, device)
     for epoch in range(1, max_epochs + 1):
         model.train()  # evaluate() left it in eval mode
-        order = torch.randperm(len(train), generator=generator)
+        order = full_batches(torch.randperm(len(train), generator=generator), cfg.batch_size)
         for lo in range(0, len(order), cfg.batch_size):
             losses.append(sgd_step(model, optimizer, *train.batch(order[lo : lo + cfg.batch_size].tolist()), device))
             iterations += 1
