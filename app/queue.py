@@ -8,6 +8,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from typing import Protocol
 
 import redis
@@ -93,9 +94,15 @@ def enqueue_update_job(connection: redis.Redis, settings: Settings) -> bool:
     """Queue one update job unless one is already waiting; True if this call queued it."""
     if not connection.set(queued_key(settings), "1", nx=True, ex=settings.job_timeout_s):
         return False
-    Queue(settings.queue_name, connection=connection).enqueue(
-        "worker.jobs.run_update_job", job_timeout=settings.job_timeout_s, failure_ttl=7 * 24 * 3600
-    )
+    try:
+        Queue(settings.queue_name, connection=connection).enqueue(
+            "worker.jobs.run_update_job", job_timeout=settings.job_timeout_s, failure_ttl=7 * 24 * 3600
+        )
+    except Exception:
+        # A flag left behind would block every later enqueue until it expires.
+        with suppress(RedisError):
+            connection.delete(queued_key(settings))
+        raise
     return True
 
 

@@ -200,7 +200,7 @@ def summarize(sets: list[PostedSet], outcome: dict) -> dict:
         "retried": len(retried),
         "clean_sets_rejected": [f"{s.kind} {','.join(sorted(set(s.labels)))}" for s in false_alarms],
         "poisoned_sets": len(poisoned),
-        "gate_precision": caught / (caught + len(false_alarms)) if caught + len(false_alarms) else None,
+        "gate_precision": caught / (caught + len(false_alarms)) if poisoned and caught + len(false_alarms) else None,
         "gate_recall": caught / len(poisoned) if poisoned else None,
         "label_to_serve_p50_s": statistics.median(served) if served else None,
         "label_to_serve_p95_s": statistics.quantiles(served, n=20)[-1] if len(served) >= 2 else None,

@@ -17,6 +17,8 @@ import redis
 from imagegen import make_set
 from service import Process, Server, fast_env, free_port, start, start_server, upload, wait_for_update, wait_until_served
 
+from app.queue import enqueue_update_job, queued_key
+from app.settings import Settings
 from app.snapshots import SnapshotStore
 
 
@@ -227,6 +229,21 @@ def test_an_update_posted_while_redis_is_down_is_applied_when_it_returns(deploy,
         assert hammer.statuses and set(hammer.statuses) == {200}
     finally:
         server.kill()
+
+
+def test_a_failed_enqueue_releases_the_queued_flag(shared_redis: str, tmp_path: Path):
+    settings = Settings(home=tmp_path, redis_url=shared_redis, queue_name=f"test-{uuid.uuid4().hex}")
+    connection = redis.Redis.from_url(shared_redis)
+    queue_key = f"rq:queue:{settings.queue_name}"
+    connection.set(queue_key, "not a list")  # RQ's push of the job id fails with WRONGTYPE
+    try:
+        with pytest.raises(redis.ResponseError):
+            enqueue_update_job(connection, settings)
+        assert not connection.exists(queued_key(settings))
+        connection.delete(queue_key)
+        assert enqueue_update_job(connection, settings)  # the next stored set queues a job at once
+    finally:
+        connection.delete(queue_key, queued_key(settings))
 
 
 def test_compose_file_is_valid(tmp_path: Path):
