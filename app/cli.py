@@ -48,7 +48,7 @@ def cmd_update(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
-    """Queue rejected, failed or orphaned update sets again (the service or a worker applies them)."""
+    """Queue rejected, failed or orphaned update sets again: `warmtune update` applies them, or a service's next poll."""
     from app.ledger import Ledger
 
     ledger = Ledger(settings)

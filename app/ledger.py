@@ -176,7 +176,10 @@ class Ledger:
             automatic = sum(a.status == "requeued" and bool(a.metrics.get("automatic")) for a in attempts)
             shared = sorted(applied & set(self.samples.get(update_id).labels))
             if automatic < max_automatic and shared:
-                self.requeue(update_id, f"reconsidered: version {version} applied more images of {', '.join(shared)}", True)
+                try:
+                    self.requeue(update_id, f"reconsidered: version {version} applied more images of {', '.join(shared)}", True)
+                except NotRetryable:  # retried on request meanwhile
+                    continue
                 requeued.append(update_id)
         return requeued
 

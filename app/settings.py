@@ -104,12 +104,12 @@ class Settings(BaseSettings):
     job_timeout_s: int = Field(3600, ge=1, description="RQ job timeout in seconds.")
     poll_interval_s: float = Field(2.0, gt=0, description="How often each API replica checks the snapshot pointer.")
 
-    @property
-    def learning_rate(self) -> float:
-        """Random weights need a far larger rate than the paper's fine-tuning rate to move at all."""
+    def learning_rate(self, base_weights: str) -> float:
+        """The rate of a lineage that started from these base weights (its first version's)."""
         if self.lr is not None:
             return self.lr
-        return 0.01 if self.base_weights == "none" else 0.001
+        # Random weights need a far larger rate than the paper's fine-tuning rate to move at all.
+        return 0.01 if base_weights == "none" else 0.001
 
     @field_validator("iterations")
     @classmethod

@@ -85,8 +85,8 @@ def free_port() -> int:
 
 def start_server(env: dict[str, str], log_path: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    log = open(log_path, "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    with open(log_path, "wb") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -160,7 +160,11 @@ def run_stream(sets: list[PostedSet], test: dict[str, list[bytes]], env: dict[st
             version = client.get("/readyz").json()["model_version"]
     finally:
         proc.terminate()
-        proc.wait(timeout=60)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
     return {"final": final, "accuracy": accuracy, "version": version, "seconds": time.monotonic() - started}
 
 

@@ -23,6 +23,7 @@ def test_beta_binomial_trusts_a_rate_as_far_as_its_samples_go():
     assert beta_binomial_cdf(3, 10, 30, 30) < 1e-5
     assert beta_binomial_cdf(10, 10, 1, 4) == pytest.approx(1.0)
     assert beta_binomial_cdf(1, 2, 0, 0) == pytest.approx(2 / 3)  # uniform rate: 0, 1 and 2 equally likely
+    assert 0 <= beta_binomial_cdf(500, 1100, 900, 1000) < 1e-6  # a set of 1100 images: no float overflow
 
 
 def test_a_clean_set_of_a_known_class_passes_the_label_check():

@@ -152,6 +152,22 @@ def test_a_step_that_fails_is_recorded_and_the_job_goes_on(make_settings):
     assert status.status == "failed" and "unknown architecture 'nonesuch'" in status.error
 
 
+def test_a_step_that_fails_after_refusing_a_set_leaves_that_set_rejected(settings, monkeypatch):
+    ledger = Ledger(settings)
+    add(ledger, *make_set({"red": 30, "green": 30}, seed=1))
+    apply_pending_updates(settings)
+    poison = add(ledger, *poisoned_set("green", "red", 20, seed=5))
+    clean = add(ledger, *make_set({"blue": 10}, seed=6))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the GPU fell off")
+
+    monkeypatch.setattr("worker.jobs.train_candidate", broken)
+    results = apply_pending_updates(settings)
+    assert [(r.status, r.update_ids) for r in results] == [("failed", [clean])]  # the poison was refused first
+    assert ledger.status(poison).status == "rejected" and ledger.status(clean).status == "failed"
+
+
 def test_running_is_reported_while_a_job_holds_the_update(settings):
     ledger = Ledger(settings)
     update = add(ledger, *make_set({"red": 4}, seed=1))

@@ -77,16 +77,17 @@ def apply_pending_updates(
                 raise
             except Exception as exc:  # a failed step is recorded, and the lineage goes on
                 log.exception("update step failed")
-                step = [record_failure(ledger, pending, exc)]
+                undecided = {u.update_id for u in ledger.pending()}  # not the sets refused before the failure
+                step = [record_failure(ledger, [u for u in pending if u.update_id in undecided], exc)]
             finally:
                 running.clear()
                 ledger.clear_running()
             for result in step:
                 results.append(result)
-                if result.version is not None:
-                    ledger.reconsider_rejected(result.version, settings.retry_auto_max)
                 if on_step is not None:
                     on_step(result)
+                if result.version is not None:
+                    ledger.reconsider_rejected(result.version, settings.retry_auto_max)
     return results
 
 
@@ -162,7 +163,12 @@ def holdout_summary(old: Outcomes, new: Outcomes) -> dict[str, Any]:
 
 
 def per_class(outcomes: Outcomes) -> dict[str, float]:
-    return {label: hits / n for label in dict.fromkeys(outcomes.true) for hits, n in [outcomes.recall(label)]}
+    """Recall of every label among the outcomes."""
+    recall = {}
+    for label in dict.fromkeys(outcomes.true):
+        hits, n = outcomes.recall(label)
+        recall[label] = hits / n
+    return recall
 
 
 def screen_labels(
@@ -171,9 +177,12 @@ def screen_labels(
     """Split the sets into those whose labels the current version can accept and those it refuses (gate check 1)."""
     accepted, refused = [], []
     for s in sets:
-        samples = SampleTensors.join([s.train, s.holdout])
-        verdict = check_labels(known, Outcomes.of(predict_logits(model, samples, device), samples.labels, classes), alpha)
-        (accepted.append(s) if verdict.passed else refused.append((s, verdict)))
+        logits = torch.cat([predict_logits(model, s.train, device), predict_logits(model, s.holdout, device)])
+        verdict = check_labels(known, Outcomes.of(logits, s.train.labels + s.holdout.labels, classes), alpha)
+        if verdict.passed:
+            accepted.append(s)
+        else:
+            refused.append((s, verdict))
     return accepted, refused
 
 
@@ -222,7 +231,8 @@ def apply_step(settings: Settings, ledger: Ledger, pending: list[UpdateSet], loc
         holdout_before = holdout_summary(before, new_before)
         grow_head(model, len(new_classes), settings.head_init, generator)
 
-    stats = train_candidate(settings, model, old_train, new_train, new_holdout, parent is None, device, generator)
+    base_weights = parent.base_weights if parent else settings.base_weights
+    stats = train_candidate(settings, model, old_train, new_train, new_holdout, base_weights, parent is None, device, generator)
 
     clock = time.perf_counter()
     old_logits = predict_logits(model, old_holdout, device)
@@ -236,7 +246,7 @@ def apply_step(settings: Settings, ledger: Ledger, pending: list[UpdateSet], loc
         "first_version": parent is None,
         "iterations": stats.iterations,
         "epochs": stats.epochs,
-        "lr": settings.learning_rate,
+        "lr": settings.learning_rate(base_weights),
         "loss": stats.loss,
         "replay_lambda": settings.replay_lambda,
         "samples_old": len(old_train),
@@ -267,7 +277,7 @@ def apply_step(settings: Settings, ledger: Ledger, pending: list[UpdateSet], loc
         classes=classes,
         arch=parent.arch if parent else settings.arch,
         image_size=image_size,
-        base_weights=parent.base_weights if parent else settings.base_weights,
+        base_weights=base_weights,
         update_ids=[u.update_id for u in accepted],
         metrics=metrics,
     )
@@ -286,16 +296,18 @@ def train_candidate(
     old_train: SampleTensors,
     new_train: SampleTensors,
     new_holdout: SampleTensors,
+    base_weights: str,
     first: bool,
     device: torch.device,
     generator: torch.Generator,
 ) -> TrainStats:
     """The first version trains until its holdout stops improving; every later one is the paper's short fine-tune."""
     if first:
-        cfg = TrainConfig.from_settings(settings, 0)
+        cfg = TrainConfig.from_settings(settings, base_weights, iterations=0)  # epochs decide, not iterations
         return train_first_version(
             model, new_train, new_holdout, cfg, settings.bootstrap_max_epochs, settings.bootstrap_patience, device, generator
         )
     n_old, n_new = len(old_train), len(new_train)
     iterations = iterations_for(settings.iterations, n_new, n_old + n_new, settings.batch_size)
-    return fine_tune(model, old_train, new_train, TrainConfig.from_settings(settings, iterations), device, generator)
+    cfg = TrainConfig.from_settings(settings, base_weights, iterations)
+    return fine_tune(model, old_train, new_train, cfg, device, generator)

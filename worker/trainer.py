@@ -48,11 +48,12 @@ class TrainConfig:
     log_every: int
 
     @classmethod
-    def from_settings(cls, settings: Settings, iterations: int) -> TrainConfig:
+    def from_settings(cls, settings: Settings, base_weights: str, iterations: int) -> TrainConfig:
+        """The settings for a lineage that started from these base weights."""
         return cls(
             iterations=iterations,
             batch_size=settings.batch_size,
-            lr=settings.learning_rate,
+            lr=settings.learning_rate(base_weights),
             momentum=settings.momentum,
             weight_decay=settings.weight_decay,
             replay_lambda=settings.replay_lambda,
@@ -86,7 +87,8 @@ class SampleTensors:
     def join(cls, parts: Sequence[SampleTensors], class_index: Mapping[str, int] | None = None) -> SampleTensors:
         """Several parts as one (targets under class_index, else the first part's), keeping what they decoded."""
         first = parts[0]
-        joined = cls([s for p in parts for s in p.samples], class_index or first.class_index, first.image_size)
+        index = first.class_index if class_index is None else class_index
+        joined = cls([s for p in parts for s in p.samples], index, first.image_size)
         offset = 0
         for part in parts:
             joined._pixels.update({offset + i: pixels for i, pixels in part._pixels.items()})
@@ -112,7 +114,7 @@ class TrainStats:
     iterations: int
     loss: float
     seconds: float
-    epochs: float | None = None
+    epochs: int | None = None
 
 
 def autocast(device: torch.device) -> torch.autocast:
