@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from app.errors import WarmtuneError
 from app.ledger import Ledger
 from app.metrics import Metrics
-from app.queue import EmbeddedQueue, RedisQueue, UpdateQueue
+from app.queue import EmbeddedQueue, RedisQueue, UpdateJob, UpdateQueue
 from app.routes import models, ops, predict, updates
 from app.serving import ModelServer
 from app.settings import Settings, get_settings
@@ -23,7 +23,7 @@ from app.settings import Settings, get_settings
 log = logging.getLogger(__name__)
 
 
-def make_queue(settings: Settings, server: ModelServer, loop: asyncio.AbstractEventLoop) -> UpdateQueue:
+def make_queue(settings: Settings, job: UpdateJob, server: ModelServer, loop: asyncio.AbstractEventLoop) -> UpdateQueue:
     """Embedded worker thread without Redis; RQ with it. Either way a new version triggers a refresh."""
 
     def refresh_soon() -> None:
@@ -31,7 +31,7 @@ def make_queue(settings: Settings, server: ModelServer, loop: asyncio.AbstractEv
 
     if settings.redis_url:
         return RedisQueue(settings, on_announce=refresh_soon)
-    return EmbeddedQueue(settings, on_step=refresh_soon)
+    return EmbeddedQueue(settings, job, on_step=refresh_soon)
 
 
 async def poll(server: ModelServer, queue: UpdateQueue, ledger: Ledger, interval_s: float) -> None:
@@ -50,7 +50,7 @@ async def poll(server: ModelServer, queue: UpdateQueue, ledger: Ledger, interval
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state = app.state
     state.server = ModelServer(state.settings, state.ledger, state.metrics)
-    state.queue = make_queue(state.settings, state.server, asyncio.get_running_loop())
+    state.queue = make_queue(state.settings, state.update_job, state.server, asyncio.get_running_loop())
     await state.server.refresh()  # a restarted replica serves at once
     tasks = [
         asyncio.create_task(state.server.run_batches(), name="batcher"),
@@ -81,7 +81,8 @@ async def validation_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": "; ".join(problems)}, status_code=422)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(update_job: UpdateJob, settings: Settings | None = None) -> FastAPI:
+    """The service; update_job runs pending updates in embedded mode (in distributed mode RQ workers do)."""
     settings = settings or get_settings()
     app = FastAPI(
         title="warmtune",
@@ -89,6 +90,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.update_job = update_job
     app.state.ledger = Ledger(settings)
     app.state.metrics = Metrics()
     app.state.metrics.watch_ledger(app.state.ledger)

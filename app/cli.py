@@ -91,11 +91,12 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
     from app.api import create_app
     from app.auth import safe_host
+    from worker.jobs import apply_pending_updates
 
     host, warning = safe_host(args.host, settings.api_keys)
     if warning:
         log.warning(warning)
-    uvicorn.run(create_app(settings), host=host, port=args.port, log_level="info")
+    uvicorn.run(create_app(apply_pending_updates, settings), host=host, port=args.port, log_level="info")
     return 0
 
 
@@ -144,10 +145,14 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     """Stream Fashion-MNIST through an embedded server as an annotator and a client would."""
     from app.demo import demo_settings, run_demo
+    from worker.jobs import apply_pending_updates
 
     overrides = {"arch": args.arch, "image_size": args.image_size}
     settings = demo_settings(settings.model_copy(update=overrides), args.home)
-    tally = run_demo(settings, args.data, args.initial_classes, args.new_classes, args.per_class, args.set_size, args.seed)
+    tally = run_demo(
+        settings, apply_pending_updates, args.data, args.initial_classes, args.new_classes, args.per_class, args.set_size,
+        args.seed,
+    )
     return 0 if tally.failures == 0 and tally.total else 1
 
 

@@ -23,6 +23,7 @@ import uvicorn
 from tqdm import tqdm
 
 from app.api import create_app
+from app.queue import UpdateJob
 from app.datasets import LabelledImages, load_source
 from app.settings import Settings
 
@@ -46,9 +47,9 @@ class Tally:
         return (self.correct[version] / n if n else None), n
 
 
-def start_server(settings: Settings) -> tuple[uvicorn.Server, str]:
+def start_server(settings: Settings, update_job: UpdateJob) -> tuple[uvicorn.Server, str]:
     """uvicorn on a free loopback port, in a background thread."""
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=0, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(update_job, settings), host="127.0.0.1", port=0, log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:
         time.sleep(0.05)
@@ -100,6 +101,7 @@ def update_sets(
 
 def run_demo(
     settings: Settings,
+    update_job: UpdateJob,
     data: str = "fashion-mnist",
     initial_classes: int = 3,
     new_classes: int = 4,
@@ -116,7 +118,7 @@ def run_demo(
     plan = [order[:initial_classes]] + [[c] for c in order[initial_classes:]]
     sets = list(update_sets(train, plan, set_size, per_class, rng))
 
-    server, url = start_server(settings)
+    server, url = start_server(settings, update_job)
     print(f"warmtune serving at {url} ({settings.arch} at {settings.image_size} px, home {settings.home})")
     print(f"annotator: {len(sets)} update sets of up to {set_size} images; first {', '.join(plan[0])}, then "
           + ", then ".join(c[0] for c in plan[1:]))

@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import suppress
-from typing import Protocol
+from typing import Any, Protocol
 
 import redis
 from redis.exceptions import RedisError
@@ -18,6 +18,11 @@ from rq import Queue
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+# The update job (worker.jobs.apply_pending_updates), handed in by the CLI entry point:
+# app never imports worker.
+UpdateJob = Callable[..., Any]
 
 
 class UpdateQueue(Protocol):
@@ -41,8 +46,9 @@ class EmbeddedQueue:
     It also wakes once at start, so sets stored before a crash or restart are applied.
     """
 
-    def __init__(self, settings: Settings, on_step: Callable[[], None]) -> None:
+    def __init__(self, settings: Settings, job: UpdateJob, on_step: Callable[[], None]) -> None:
         self.settings = settings
+        self.job = job
         self.on_step = on_step
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -68,15 +74,13 @@ class EmbeddedQueue:
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
-        from worker.jobs import apply_pending_updates  # the worker imports app, not the other way at import time
-
         while True:
             self._wake.wait()
             if self._stopping.is_set():
                 return
             self._wake.clear()
             try:
-                apply_pending_updates(self.settings, on_step=lambda _result: self.on_step())
+                self.job(self.settings, on_step=lambda _result: self.on_step())
             except Exception:  # the thread must outlive any one job; the sets stay pending
                 log.exception("update job failed; its update sets stay queued")
 
