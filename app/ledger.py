@@ -96,10 +96,14 @@ class Ledger:
             entries.sort(key=lambda a: a.at)
         return attempts
 
-    def settled(self) -> dict[str, tuple[Status, Attempt | None]]:
+    def current_lineage(self) -> set[int]:
+        """The current version and its ancestors: whose sets are in the replay memory."""
+        return {meta.version for meta in self.snapshots.lineage(self.snapshots.current())}
+
+    def settled(self, history: dict[str, list[Attempt]] | None = None) -> dict[str, tuple[Status, Attempt | None]]:
         """The status of every set that has attempts (a set without any is queued or running)."""
-        lineage = {meta.version for meta in self.snapshots.lineage(self.snapshots.current())}
-        return {update_id: settle(attempts, lineage) for update_id, attempts in self.history().items()}
+        lineage = self.current_lineage()
+        return {update_id: settle(attempts, lineage) for update_id, attempts in (history or self.history()).items()}
 
     def pending(self) -> list[UpdateSet]:
         """Stored update sets waiting for a step (never tried, or queued again), oldest first."""
@@ -118,8 +122,7 @@ class Ledger:
     def status(self, update_id: str) -> UpdateStatus:
         update = self.samples.get(update_id)
         attempts = self.history().get(update_id, [])
-        lineage = {meta.version for meta in self.snapshots.lineage(self.snapshots.current())}
-        status, attempt = settle(attempts, lineage)
+        status, attempt = settle(attempts, self.current_lineage())
         if status == "queued":
             return UpdateStatus(update_id, "running" if update_id in self.running() else "queued", len(update), attempts=attempts)
         assert attempt is not None
@@ -169,8 +172,9 @@ class Ledger:
         """
         applied = {label for update_id in self.snapshots.meta(version).update_ids for label in self.samples.get(update_id).labels}
         requeued = []
-        settled = self.settled()
-        for update_id, attempts in self.history().items():
+        history = self.history()
+        settled = self.settled(history)
+        for update_id, attempts in history.items():
             if settled[update_id][0] != "rejected":
                 continue
             automatic = sum(a.status == "requeued" and bool(a.metrics.get("automatic")) for a in attempts)
