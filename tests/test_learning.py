@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,10 +46,10 @@ def test_a_new_class_in_sets_of_ten_is_learned_a_relabelled_set_refused_and_retr
             yellow.append(post(c, *make_set({"yellow": 10}, seed=10 + k)))
             status = wait_for_update(c, yellow[-1])
             assert status["status"] == "applied", status
-        slip = post(c, *poisoned_set("green", "red", 10, seed=20))  # green images labelled red
+        slip = post(c, *poisoned_set("green", "red", 20, seed=20))  # green images labelled red
         refused = wait_for_update(c, slip)
         assert refused["status"] == "rejected"
-        assert "10 of 10 images labelled 'red' look like 'green'" in refused["error"]
+        assert re.search(r"\d+ of 20 images labelled 'red' look like 'green'", refused["error"]), refused["error"]
         assert [a["status"] for a in refused["attempts"]] == ["rejected"]
 
         wait_until_served(c, refused["attempts"][0]["model_version"])
