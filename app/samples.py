@@ -42,6 +42,7 @@ class UpdateSet:
     holdout: frozenset[int]
     new_classes: tuple[str, ...]
     path: Path
+    fingerprint: str = ""  # sets stored before fingerprints were kept have none
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -65,11 +66,23 @@ def clean_label(label: str, max_length: int, name: str) -> str:
     return text
 
 
-def split_holdout(update_id: str, labels: Sequence[str], fraction: float, new_classes: Iterable[str]) -> set[int]:
-    """Pick a stratified holdout: about `fraction` of each label, at least one of a new class with two or more."""
+def fingerprint(images: Sequence[bytes], labels: Sequence[str]) -> str:
+    """A digest of the payload: every image and label, in order."""
+    digest = hashlib.sha256()
+    for data, label in zip(images, labels, strict=True):
+        digest.update(hashlib.sha256(data).digest())
+        digest.update(hashlib.sha256(label.encode()).digest())
+    return digest.hexdigest()
+
+
+def split_holdout(seed: str, labels: Sequence[str], fraction: float, new_classes: Iterable[str]) -> set[int]:
+    """Pick a stratified holdout: about `fraction` of each label, at least one of a new class with two or more.
+
+    Seeded by the payload's fingerprint, so the same images and labels split the same way in every run.
+    """
     if fraction <= 0:
         return set()
-    rng = random.Random(update_id)
+    rng = random.Random(seed)
     new = set(new_classes)
     chosen: set[int] = set()
     for label in dict.fromkeys(labels):
@@ -127,6 +140,7 @@ class SampleStore:
         else:
             update_id = uuid.uuid4().hex
         labels = self.validate(images, labels, names)
+        digest = fingerprint(images, labels)
         known = set(known_classes)
         new_classes = list(dict.fromkeys(label for label in labels if label not in known))
         manifest = {
@@ -135,7 +149,8 @@ class SampleStore:
             "labels": labels,
             "names": names,
             "new_classes": new_classes,
-            "holdout": sorted(split_holdout(update_id, labels, self.holdout_fraction, new_classes)),
+            "fingerprint": digest,
+            "holdout": sorted(split_holdout(digest, labels, self.holdout_fraction, new_classes)),
         }
         created = create_exclusive(self.path(update_id), self._archive(manifest, images))
         return self.get(update_id), created
@@ -164,6 +179,7 @@ class SampleStore:
             holdout=frozenset(manifest["holdout"]),
             new_classes=tuple(manifest["new_classes"]),
             path=path,
+            fingerprint=manifest.get("fingerprint", ""),
         )
         self._cache[update_id] = update
         return update

@@ -33,6 +33,16 @@ def test_holdout_is_a_stratified_fraction_with_one_per_new_class():
     assert split_holdout("x" * 32, labels, 0.0, {"c"}) == set()
 
 
+def test_the_same_payload_splits_the_same_way_in_every_store(tmp_path):
+    images, labels = make_set({"red": 20, "green": 20}, seed=3)
+    first, _ = store(tmp_path / "a").add(images, labels)
+    second, _ = store(tmp_path / "b").add(images, labels)
+    assert first.update_id != second.update_id and first.fingerprint == second.fingerprint
+    assert first.holdout == second.holdout and len(first.holdout) == 4
+    other, _ = store(tmp_path / "c").add(images, ["green" if x == "red" else "red" for x in labels])
+    assert other.fingerprint != first.fingerprint
+
+
 def test_new_classes_are_those_not_known(tmp_path):
     images, labels = make_set({"red": 2, "green": 2})
     update, _ = store(tmp_path).add(images, labels, known_classes=["red"])
