@@ -1,22 +1,23 @@
-"""The FastAPI application: the served model, the update queue and the routes, and the one place
-where domain errors become HTTP answers."""
+"""The FastAPI application: the served model, the update queue, the routes and their error handlers."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 
-from app.errors import WarmtuneError
+from app.auth import browser_request_refusal
+from app.errors import Forbidden, WarmtuneError
 from app.ledger import Ledger
 from app.metrics import Metrics
 from app.queue import EmbeddedQueue, RedisQueue, UpdateJob, UpdateQueue
 from app.routes import models, ops, predict, updates
+from app.routes.errors import domain_error, error_response, validation_error
 from app.serving import ModelServer
 from app.settings import Settings, get_settings
 
@@ -69,16 +70,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.server.close()
 
 
-async def domain_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, WarmtuneError)
-    return JSONResponse({"detail": str(exc)}, status_code=exc.status_code)
-
-
-async def validation_error(request: Request, exc: Exception) -> JSONResponse:
-    """FastAPI's parameter errors as one readable sentence, like every other error."""
-    assert isinstance(exc, RequestValidationError)
-    problems = ["{} {}: {}".format(e["loc"][0], ".".join(map(str, e["loc"][1:])), e["msg"]) for e in exc.errors()]
-    return JSONResponse({"detail": "; ".join(problems)}, status_code=422)
+async def refuse_browser_requests(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    """Without API keys: serve loopback clients only, not web pages that reach loopback (see app.auth)."""
+    if not request.app.state.settings.api_keys:
+        reason = browser_request_refusal(request.method, dict(request.headers))
+        if reason is not None:
+            return error_response(Forbidden(reason))
+    return await call_next(request)
 
 
 def create_app(update_job: UpdateJob, settings: Settings | None = None) -> FastAPI:
@@ -88,6 +86,10 @@ def create_app(update_job: UpdateJob, settings: Settings | None = None) -> FastA
         title="warmtune",
         summary="Online model updates: warm-started fine-tuning with replay, atomic model swaps.",
         lifespan=lifespan,
+        # Served by app.routes.ops behind a key when keys are configured.
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
     )
     app.state.settings = settings
     app.state.update_job = update_job
@@ -96,6 +98,7 @@ def create_app(update_job: UpdateJob, settings: Settings | None = None) -> FastA
     app.state.metrics.watch_ledger(app.state.ledger)
     app.add_exception_handler(WarmtuneError, domain_error)
     app.add_exception_handler(RequestValidationError, validation_error)
+    app.middleware("http")(refuse_browser_requests)
     for module in (predict, updates, models, ops):
         app.include_router(module.router)
     return app

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Awaitable, Callable
+from urllib.parse import urlsplit
 
 from fastapi import Request
 
@@ -10,24 +12,58 @@ from app.errors import Forbidden, Unauthorized
 from app.settings import Role
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
+STATE_CHANGING = ("POST", "PUT", "PATCH", "DELETE")
 
 
-def require(role: Role) -> Callable[[Request], Awaitable[None]]:
-    """A FastAPI dependency that admits a request whose bearer key has the role."""
+def key_digest(key: str) -> str:
+    """Keys are compared and remembered by digest: the lookup takes the same time whatever the key's content."""
+    return hashlib.sha256(key.encode()).hexdigest()
 
-    async def check(request: Request) -> None:
+
+def require(role: Role | None) -> Callable[[Request], Awaitable[str]]:
+    """A FastAPI dependency that admits a request whose bearer key has the role (None: any valid key).
+
+    It returns the caller: a digest of its key, or "" when no keys are configured.
+    """
+
+    async def check(request: Request) -> str:
         keys = request.app.state.settings.api_keys
         if not keys:
-            return
+            return ""
         scheme, _, key = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not key:
             raise Unauthorized("missing bearer key: send 'Authorization: Bearer <key>'")
-        if key not in keys:
+        caller = key_digest(key)
+        roles = {key_digest(k): r for k, r in keys.items()}.get(caller)
+        if roles is None:
             raise Unauthorized("unknown API key")
-        if role not in keys[key] and "admin" not in keys[key]:
+        if role is not None and role not in roles and "admin" not in roles:
             raise Forbidden(f"this key lacks the {role!r} role")
+        return caller
 
     return check
+
+
+def loopback_name(host: str) -> bool:
+    """Whether a Host or Origin host names this machine's loopback (with or without a port)."""
+    name = urlsplit(f"//{host}").hostname or ""
+    return name in LOOPBACK
+
+
+def browser_request_refusal(method: str, headers: dict[str, str]) -> str | None:
+    """Why a request without keys must be refused, if it may come from a web page rather than a client.
+
+    Without keys the service trusts loopback. A page in a browser on the same machine can reach it
+    too: by a name that resolves to 127.0.0.1 (DNS rebinding: the Host header gives it away) or
+    with a cross-origin form POST (a CORS simple request: the Origin header gives it away).
+    """
+    host = headers.get("host", "")
+    if not loopback_name(host):
+        return f"Host {host[:100]!r} is not a loopback name; without API keys only 127.0.0.1, ::1 and localhost are served"
+    origin = headers.get("origin")
+    if method in STATE_CHANGING and origin is not None and not loopback_name(urlsplit(origin).netloc):
+        return f"cross-origin {method} from {origin[:100]!r} refused: without API keys only loopback pages may change state"
+    return None
 
 
 def safe_host(host: str, keys: dict[str, list[Role]]) -> tuple[str, str | None]:

@@ -96,7 +96,13 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     host, warning = safe_host(args.host, settings.api_keys)
     if warning:
         log.warning(warning)
-    uvicorn.run(create_app(apply_pending_updates, settings), host=host, port=args.port, log_level="info")
+    uvicorn.run(
+        create_app(apply_pending_updates, settings),
+        host=host,
+        port=args.port,
+        log_level="info",
+        limit_concurrency=settings.max_connections,
+    )
     return 0
 
 

@@ -76,7 +76,12 @@ class Ledger:
     def __init__(self, settings: Settings) -> None:
         home = settings.home
         self.samples = SampleStore(
-            home / "samples", settings.max_image_pixels, settings.max_label_length, settings.holdout_fraction
+            home / "samples",
+            settings.max_image_pixels,
+            settings.max_label_length,
+            settings.holdout_fraction,
+            settings.max_request_pixels,
+            settings.decode_threads,
         )
         self.snapshots = SnapshotStore(home / "snapshots")
         self.running_path = home / "running.json"

@@ -12,6 +12,7 @@ import json
 import math
 import random
 import re
+import threading
 import time
 import uuid
 import zipfile
@@ -19,9 +20,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.errors import InvalidLabel, InvalidUpdate, UnknownUpdate
+from app.errors import IdempotencyConflict, InvalidLabel, InvalidUpdate, UnknownUpdate
 from app.files import create_exclusive
-from app.images import decode_image
+from app.images import check_pixel_budget, decode_image
 
 UPDATE_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -98,9 +99,20 @@ def split_holdout(seed: str, labels: Sequence[str], fraction: float, new_classes
 class SampleStore:
     """Update sets on disk under root, one zip file each."""
 
-    def __init__(self, root: Path, max_image_pixels: int, max_label_length: int, holdout_fraction: float) -> None:
+    def __init__(
+        self,
+        root: Path,
+        max_image_pixels: int,
+        max_label_length: int,
+        holdout_fraction: float,
+        max_request_pixels: int,
+        decode_slots: int,
+    ) -> None:
         self.root = root
         self.max_image_pixels = max_image_pixels
+        self.max_request_pixels = max_request_pixels
+        # Shared by every request validating a set: at most this many images decode at once.
+        self._decode_slots = threading.BoundedSemaphore(decode_slots)
         self.max_label_length = max_label_length
         self.holdout_fraction = holdout_fraction
         self._cache: dict[str, UpdateSet] = {}
@@ -115,8 +127,10 @@ class SampleStore:
             raise InvalidUpdate("an update set needs at least one image")
         if len(labels) != len(images):
             raise InvalidUpdate(f"got {len(images)} images but {len(labels)} labels; give one label per image, in order")
+        check_pixel_budget(list(zip(names, images, strict=True)), self.max_image_pixels, self.max_request_pixels)
         for data, name in zip(images, names, strict=True):
-            decode_image(data, self.max_image_pixels, name)
+            with self._decode_slots:
+                decode_image(data, self.max_image_pixels, name)
         return [clean_label(label, self.max_label_length, name) for label, name in zip(labels, names, strict=True)]
 
     def add(
@@ -126,21 +140,24 @@ class SampleStore:
         known_classes: Iterable[str] = (),
         idempotency_key: str | None = None,
         names: Sequence[str] | None = None,
+        caller: str = "",
     ) -> tuple[UpdateSet, bool]:
         """Validate and store an update set; returns it and whether it is new.
 
-        With an idempotency key, a second call with the same key stores nothing and
-        returns the set stored by the first.
+        An idempotency key names the set within the caller's keys (caller: a digest of its API key,
+        "" without keys). A second call with the same key and payload stores nothing and returns the
+        set stored by the first; with another payload it raises IdempotencyConflict.
         """
         names = list(names) if names else [f"image {i}" for i in range(len(images))]
-        if idempotency_key is not None:
-            update_id = hashlib.sha256(idempotency_key.encode()).hexdigest()[:32]
-            if self.path(update_id).exists():
-                return self.get(update_id), False
-        else:
-            update_id = uuid.uuid4().hex
         labels = self.validate(images, labels, names)
         digest = fingerprint(images, labels)
+        if idempotency_key is not None:
+            scoped = f"{caller}\n{idempotency_key}" if caller else idempotency_key
+            update_id = hashlib.sha256(scoped.encode()).hexdigest()[:32]
+            if self.path(update_id).exists():
+                return self.replayed(update_id, idempotency_key, digest), False
+        else:
+            update_id = uuid.uuid4().hex
         known = set(known_classes)
         new_classes = list(dict.fromkeys(label for label in labels if label not in known))
         manifest = {
@@ -153,7 +170,19 @@ class SampleStore:
             "holdout": sorted(split_holdout(digest, labels, self.holdout_fraction, new_classes)),
         }
         created = create_exclusive(self.path(update_id), self._archive(manifest, images))
-        return self.get(update_id), created
+        if not created:  # a concurrent request with the same key stored it first
+            return self.replayed(update_id, idempotency_key or "", digest), False
+        return self.get(update_id), True
+
+    def replayed(self, update_id: str, idempotency_key: str, digest: str) -> UpdateSet:
+        """The set stored under an idempotency key, if this payload is the one it holds."""
+        stored = self.get(update_id)
+        if stored.fingerprint and stored.fingerprint != digest:
+            raise IdempotencyConflict(
+                f"Idempotency-Key {idempotency_key[:100]!r} was used for update set {update_id} with other images or "
+                "labels; send new data under a new key"
+            )
+        return stored
 
     @staticmethod
     def _archive(manifest: dict, images: Sequence[bytes]) -> bytes:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from app.errors import NoModel
-from app.images import decode_image, pixel_transform, to_model_input, to_pixels
+from app.images import check_pixel_budget, image_to_pixels, to_model_input
 from app.ledger import Ledger
 from app.metrics import Metrics
 from app.model import model_from_state, select_device
@@ -108,7 +108,6 @@ class ModelServer:
         # One thread runs every forward pass: the model is never used by two batches at once.
         self._forward_pool = ThreadPoolExecutor(1, thread_name_prefix="forward")
         self._decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
-        self._transforms: dict[int, object] = {}
 
     # Swapping --------------------------------------------------------------------------------
 
@@ -158,21 +157,17 @@ class ModelServer:
 
     # Predicting ------------------------------------------------------------------------------
 
-    def transform(self, image_size: int) -> object:
-        if image_size not in self._transforms:
-            self._transforms[image_size] = pixel_transform(image_size)
-        return self._transforms[image_size]
-
-    def prepare(self, data: bytes, name: str, image_size: int) -> torch.Tensor:
-        image = decode_image(data, self.settings.max_image_pixels, name)
-        return to_pixels(image, self.transform(image_size))
-
     async def prepare_all(self, images: list[tuple[str, bytes]]) -> torch.Tensor:
         """Decode and preprocess request images in the decode thread pool, off the event loop."""
         served = self.require_model()
         loop = asyncio.get_running_loop()
+        limits = self.settings.max_image_pixels, self.settings.max_request_pixels
+        await loop.run_in_executor(self._decode_pool, check_pixel_budget, images, *limits)
         pixels = await asyncio.gather(
-            *(loop.run_in_executor(self._decode_pool, self.prepare, data, name, served.image_size) for name, data in images)
+            *(
+                loop.run_in_executor(self._decode_pool, image_to_pixels, data, served.image_size, self.settings.max_image_pixels, name)
+                for name, data in images
+            )
         )
         return torch.stack(pixels)
 

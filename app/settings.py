@@ -78,17 +78,30 @@ class Settings(BaseSettings):
     log_every: int = Field(50, ge=1, description="Training logs a line every this many iterations.")
 
     # Input limits
-    max_image_pixels: int = Field(40_000_000, ge=1, description="Largest width*height accepted (decompression bombs).")
+    max_image_pixels: int = Field(
+        16_000_000, ge=1, description="Largest width*height of one image (a 12-megapixel phone photo fits; decompression bombs do not)."
+    )
+    max_request_pixels: int = Field(
+        256_000_000, ge=1, description="Most pixels all images of one request may hold together, read from their headers."
+    )
     max_label_length: int = Field(100, ge=1, description="Longest class label in characters.")
     max_images_per_request: int = Field(256, ge=1, description="Most images in one /predict or /updates request.")
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1, description="Largest request body in bytes.")
+    body_timeout_s: float = Field(
+        60.0, gt=0, description="A request body must arrive within this many seconds of the request (slow clients get 408)."
+    )
+    max_connections: int = Field(
+        1000, ge=1, description="Open connections and requests one server takes; beyond it answers 503 (uvicorn's limit)."
+    )
 
     # Serving
     max_batch_size: int = Field(32, ge=1, description="Most images in one forward pass of /predict.")
     max_batch_wait_ms: float = Field(
         0.0, ge=0, description="Extra wait for a batch to fill; 0 takes what is queued (no added latency)."
     )
-    decode_threads: int = Field(4, ge=1, description="Threads decoding and preprocessing request images.")
+    decode_threads: int = Field(
+        4, ge=1, description="Images decoded at once: threads for /predict, and as many again for validating /updates."
+    )
     max_top_k: int = Field(100, ge=1, description="Largest top_k a client may ask for.")
 
     # Auth

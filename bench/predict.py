@@ -32,7 +32,7 @@ import httpx
 import torch
 
 from app.datasets import FASHION_MNIST_CLASSES, fashion_mnist
-from app.images import decode_image, pixel_transform, to_pixels
+from app.images import image_to_pixels
 from app.model import build_model, select_device
 from app.serving import ServedModel, forward
 from app.snapshots import SnapshotMeta, SnapshotStore
@@ -155,13 +155,12 @@ def bare_loop(arch: str, image_size: int, device: torch.device, images: list[byt
     """Images/s (and per CPU-second) of decode + preprocess + forward in batches, the steps the service runs, without HTTP."""
     model = build_model(arch, len(FASHION_MNIST_CLASSES)).to(device).eval()
     served = ServedModel(1, FASHION_MNIST_CLASSES, image_size, model, device)
-    transform = pixel_transform(image_size)
     done, k = 0, 0
     forward(served, torch.zeros(batch, 3, image_size, image_size, dtype=torch.uint8))  # warm-up
     start, cpu = time.perf_counter(), time.process_time()
     while time.perf_counter() - start < seconds:
         chunk = [images[(k + j) % len(images)] for j in range(batch)]
-        pixels = torch.stack([to_pixels(decode_image(data, 2**62), transform) for data in chunk])
+        pixels = torch.stack([image_to_pixels(data, image_size, 2**62) for data in chunk])
         forward(served, pixels)
         done, k = done + batch, k + batch
     if device.type == "cuda":

@@ -3,8 +3,10 @@ import io
 import pytest
 from PIL import Image
 
-from app.errors import InvalidImage
-from app.images import decode_image, normalize, pixel_transform, to_pixels
+import struct
+
+from app.errors import InvalidImage, TooLarge
+from app.images import check_pixel_budget, decode_image, image_to_pixels, normalize, pixel_transform, to_pixels
 
 LIMIT = 40_000_000
 
@@ -45,3 +47,40 @@ def test_every_mode_becomes_three_channels_of_the_model_size(mode):
     pixels = to_pixels(image, pixel_transform(24))
     assert pixels.shape == (3, 24, 24)
     assert normalize(pixels[None]).shape == (1, 3, 24, 24)
+
+
+def ico_holding(png: bytes) -> bytes:
+    """An ICO file whose directory says 16x16 but whose one entry is this PNG (Pillow's ICO reader decodes it on open)."""
+    header = struct.pack("<HHH", 0, 1, 1)
+    entry = struct.pack("<BBBBHHII", 16, 16, 0, 0, 1, 32, len(png), 6 + 16)
+    return header + entry + png
+
+
+@pytest.mark.filterwarnings("ignore:IM image format is deprecated")
+@pytest.mark.parametrize(
+    "data,named",
+    [
+        (ico_holding(encode(Image.new("1", (6000, 6000)))), "ICO file, "),  # 36 megapixels behind a 16x16 header
+        (encode(Image.new("RGB", (8, 8)), "ICO"), "ICO file, "),
+        (encode(Image.new("RGB", (8, 8)), "SGI"), "SGI file, "),
+        (encode(Image.new("RGB", (8, 8)), "IM"), "PIL IM file, "),
+        (encode(Image.new("RGB", (8, 8)), "TGA"), ""),  # TGA has no magic number to name it by
+    ],
+)
+def test_formats_outside_the_allow_list_are_never_opened(data, named):
+    with pytest.raises(InvalidImage, match=f"icon: {named}not an image in a format we read"):
+        decode_image(data, LIMIT, "icon")
+
+
+def test_a_jpeg_decodes_at_the_smallest_scale_the_resize_needs():
+    photo = encode(Image.new("RGB", (2000, 1500), "green"), "JPEG")
+    assert decode_image(photo, LIMIT).size == (2000, 1500)
+    assert decode_image(photo, LIMIT, draft_size=256).size == (500, 375)  # 1/4 scale; 1/8 would be under 256
+    assert image_to_pixels(photo, 224, LIMIT).shape == (3, 224, 224)
+
+
+def test_a_request_over_its_pixel_budget_is_refused_from_the_headers():
+    images = [(f"img{i}.png", encode(Image.new("1", (1000, 1000)))) for i in range(3)]
+    check_pixel_budget(images[:2], LIMIT, budget=2_500_000)
+    with pytest.raises(TooLarge, match="over 2500000 pixels together .at img2.png"):
+        check_pixel_budget(images, LIMIT, budget=2_500_000)

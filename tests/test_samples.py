@@ -11,7 +11,7 @@ from app.samples import SampleStore, split_holdout
 
 
 def store(root: Path, holdout: float = 0.1) -> SampleStore:
-    return SampleStore(root, max_image_pixels=40_000_000, max_label_length=20, holdout_fraction=holdout)
+    return SampleStore(root, 40_000_000, max_label_length=20, holdout_fraction=holdout, max_request_pixels=10**9, decode_slots=2)
 
 
 def test_an_update_set_round_trips_with_its_bytes(tmp_path):
@@ -108,7 +108,7 @@ def test_a_crash_mid_write_leaves_the_store_readable_and_the_set_absent(tmp_path
         from imagegen import make_set
         from app.samples import SampleStore
         from pathlib import Path
-        store = SampleStore(Path({str(tmp_path)!r}), 40_000_000, 20, 0.1)
+        store = SampleStore(Path({str(tmp_path)!r}), 40_000_000, 20, 0.1, 10**9, 2)
         os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)
         store.add(*make_set({{"red": 50}}))
         """

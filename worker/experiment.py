@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from app.datasets import LabelledImages
-from app.images import decode_image, pixel_transform, to_model_input, to_pixels
+from app.images import image_to_pixels, to_model_input
 from app.ledger import Ledger
 from app.model import model_from_state, select_device
 from app.settings import Settings
@@ -142,8 +142,7 @@ def engine_settings(home: Path, protocol: Protocol, repeat: int, setting: Settin
 
 
 def preprocess(images: list[bytes], image_size: int) -> torch.Tensor:
-    transform = pixel_transform(image_size)
-    return torch.stack([to_pixels(decode_image(data, 2**62), transform) for data in images])
+    return torch.stack([image_to_pixels(data, image_size, 2**62) for data in images])
 
 
 def make_stream(train: LabelledImages, test: LabelledImages, protocol: Protocol, repeat: int) -> Stream:

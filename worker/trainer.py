@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from app.images import decode_image, pixel_transform, to_model_input, to_pixels
+from app.images import image_to_pixels, to_model_input
 from app.model import head_of
 from app.samples import Sample
 from app.settings import Settings
@@ -80,7 +80,6 @@ class SampleTensors:
         self.image_size = image_size
         # -1 marks a label the model has no output for (yet): always counted wrong.
         self.targets = torch.tensor([class_index.get(s.label, -1) for s in self.samples], dtype=torch.long)
-        self.transform = pixel_transform(image_size)
         self._pixels: dict[int, torch.Tensor] = {}
 
     @classmethod
@@ -100,8 +99,8 @@ class SampleTensors:
 
     def pixels(self, i: int) -> torch.Tensor:
         if i not in self._pixels:
-            image = decode_image(self.samples[i].data, max_pixels=2**62, name=f"sample {i}")
-            self._pixels[i] = to_pixels(image, self.transform)
+            # Stored sets were checked on arrival; the limit guards the request path, not this one.
+            self._pixels[i] = image_to_pixels(self.samples[i].data, self.image_size, max_pixels=2**62, name=f"sample {i}")
         return self._pixels[i]
 
     def batch(self, indices: Iterable[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,6 +10,7 @@ from pydantic import BaseModel
 
 from app.auth import require
 from app.errors import InvalidParameter
+from app.routes.errors import status_of
 from app.routes.uploads import IMAGE_FILES, multipart_body, read_images
 from app.serving import Prediction
 
@@ -58,7 +59,7 @@ async def predict(request: Request, top_k: int = 5) -> JSONResponse:
         version, predictions = await state.server.predict(pixels, top_k)
         status = 200
     except Exception as exc:
-        status = getattr(exc, "status_code", 500)
+        status = status_of(exc)
         raise
     finally:
         state.metrics.predicted(status, version, started)

@@ -56,17 +56,18 @@ def known_classes(request: Request) -> list[str]:
     return snapshots.meta(current).classes if current else []
 
 
-@router.post(
-    "/updates",
-    status_code=202,
-    response_model=UpdateAccepted,
-    dependencies=[Depends(require("annotate"))],
-    openapi_extra=UPDATE_BODY,
-)
+@router.post("/updates", status_code=202, response_model=UpdateAccepted, openapi_extra=UPDATE_BODY)
 async def post_update(
-    request: Request, response: Response, idempotency_key: str | None = Header(None, max_length=200)
+    request: Request,
+    response: Response,
+    caller: str = Depends(require("annotate")),
+    idempotency_key: str | None = Header(None, max_length=200),
 ) -> UpdateAccepted:
-    """Validate and store an update set (durably, before answering), then queue the update job."""
+    """Validate and store an update set (durably, before answering), then queue the update job.
+
+    A repeated Idempotency-Key with the same payload answers with the stored set and its current
+    status; with another payload, 409. Keys are scoped to the caller's API key.
+    """
     state = request.app.state
     form = await read_form(request, state.settings)
     try:
@@ -83,11 +84,15 @@ async def post_update(
         known_classes(request),
         idempotency_key,
         [name for name, _ in images],
+        caller,
     )
     if created:
         await run_in_threadpool(state.queue.submit)
+        status: Status = "queued"
+    else:
+        status = (await run_in_threadpool(state.ledger.status, update.update_id)).status
     response.headers["Location"] = f"/updates/{update.update_id}"
-    return UpdateAccepted(update_id=update.update_id, status="queued", samples=len(update), new_classes=list(update.new_classes))
+    return UpdateAccepted(update_id=update.update_id, status=status, samples=len(update), new_classes=list(update.new_classes))
 
 
 @router.get("/updates/{update_id}", response_model=UpdateStatusOut, dependencies=[Depends(require("annotate"))])

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 from fastapi import Request
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from app.errors import MalformedRequest, TooLarge, UnsupportedMediaType
+from app.errors import InvalidLabel, MalformedRequest, RequestTimeout, TooLarge, UnsupportedMediaType
 from app.settings import Settings
 
 
@@ -25,13 +26,23 @@ def content_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-async def limited_body(request: Request, limit: int) -> AsyncIterator[bytes]:
-    """The request body, refused with 413 as soon as it is known to be over the limit."""
+async def limited_body(request: Request, limit: int, timeout_s: float) -> AsyncIterator[bytes]:
+    """The request body, refused with 413 as soon as it is known to be over the limit, and with
+    408 if it has not all arrived within timeout_s (a client trickling bytes holds a connection)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise TooLarge(f"request body of {declared} bytes is over the limit of {limit} bytes")
     total = 0
-    async for chunk in request.stream():
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    chunks = aiter(request.stream())
+    while True:
+        try:
+            async with asyncio.timeout_at(deadline):
+                chunk = await anext(chunks)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise RequestTimeout(f"the request body did not arrive within {timeout_s:g} s ({total} bytes came)") from None
         total += len(chunk)
         if total > limit:
             raise TooLarge(f"request body is over the limit of {limit} bytes")
@@ -45,17 +56,23 @@ async def read_form(request: Request, settings: Settings) -> FormData:
             f"expected a multipart/form-data body, got {content_type(request) or 'no content type'}"
         )
     limit = settings.max_images_per_request
+    field_limit = 4 * settings.max_label_length + 1024  # a label at the length limit in UTF-8, with room to spare
     parser = MultiPartParser(
         request.headers,
-        limited_body(request, settings.max_request_bytes),
+        limited_body(request, settings.max_request_bytes, settings.body_timeout_s),
         max_files=limit,
         max_fields=limit + 16,  # one label per image, and a few others
+        max_part_size=field_limit,
     )
     try:
         return await parser.parse()
     except MultiPartException as exc:
         if exc.message.startswith("Too many"):
             raise TooLarge(f"more than {limit} images (or fields) in one request") from None
+        if exc.message.startswith("Part exceeded"):  # plain fields are labels
+            raise InvalidLabel(
+                f"a label field of over {field_limit} bytes; labels are at most {settings.max_label_length} characters"
+            ) from None
         raise MalformedRequest(f"malformed multipart body: {exc.message}") from None
 
 
@@ -77,7 +94,7 @@ async def read_images(request: Request, settings: Settings) -> list[tuple[str, b
     """Images of a predict request: file parts named 'images', or one raw image/* body."""
     kind = content_type(request)
     if kind.startswith("image/"):
-        body = b"".join([chunk async for chunk in limited_body(request, settings.max_request_bytes)])
+        body = b"".join([chunk async for chunk in limited_body(request, settings.max_request_bytes, settings.body_timeout_s)])
         return [("image", body)]
     if kind != "multipart/form-data":
         raise UnsupportedMediaType(
