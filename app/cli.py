@@ -108,7 +108,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     """Run an RQ worker for update jobs (distributed mode)."""
-    from app.queue import run_rq_worker
+    from worker.rq import run_rq_worker
 
     if not settings.redis_url:
         print("warmtune worker needs WARMTUNE_REDIS_URL (without it, `warmtune serve` runs updates itself)")

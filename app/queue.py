@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
 from contextlib import suppress
 from typing import Any, Protocol
@@ -14,6 +13,7 @@ from typing import Any, Protocol
 import redis
 from redis.exceptions import RedisError
 from rq import Queue
+from rq.serializers import JSONSerializer
 
 from app.settings import Settings
 
@@ -85,6 +85,11 @@ class EmbeddedQueue:
                 log.exception("update job failed; its update sets stay queued")
 
 
+# The RQ job, by name: app never imports worker. Jobs are JSON, never pickles: whoever can write
+# to Redis must not be able to run code in a worker.
+UPDATE_JOB = "worker.rq.run_update_job"
+
+
 def queued_key(settings: Settings) -> str:
     """Set while an update job waits in the queue: at most one waits, and it takes every pending set."""
     return f"{settings.queue_name}:job-queued"
@@ -99,8 +104,8 @@ def enqueue_update_job(connection: redis.Redis, settings: Settings) -> bool:
     if not connection.set(queued_key(settings), "1", nx=True, ex=settings.job_timeout_s):
         return False
     try:
-        Queue(settings.queue_name, connection=connection).enqueue(
-            "worker.jobs.run_update_job", job_timeout=settings.job_timeout_s, failure_ttl=7 * 24 * 3600
+        Queue(settings.queue_name, connection=connection, serializer=JSONSerializer).enqueue(
+            UPDATE_JOB, job_timeout=settings.job_timeout_s, failure_ttl=7 * 24 * 3600
         )
     except Exception:
         # A flag left behind would block every later enqueue until it expires.
@@ -112,28 +117,6 @@ def enqueue_update_job(connection: redis.Redis, settings: Settings) -> bool:
 
 def announce_swap(connection: redis.Redis, settings: Settings, version: int) -> None:
     connection.publish(swap_channel(settings), str(version))
-
-
-def run_rq_worker(settings: Settings) -> None:
-    """An RQ worker for update jobs, queueing one first if sets are pending; survives Redis outages.
-
-    SimpleWorker runs each job in this process: no fork, so a CUDA context stays valid, and a
-    SIGKILL stops the job together with its worker.
-    """
-    from rq import SimpleWorker
-
-    from app.ledger import Ledger
-
-    connection = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2)
-    while True:
-        try:
-            if Ledger(settings).pending():
-                enqueue_update_job(connection, settings)
-            SimpleWorker([settings.queue_name], connection=connection).work(with_scheduler=False)
-            return
-        except RedisError as exc:
-            log.warning("Redis unreachable (%s); retrying in %.0fs", exc, settings.poll_interval_s)
-            time.sleep(settings.poll_interval_s)
 
 
 class RedisQueue:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -29,13 +31,13 @@ def redis_answers(url: str) -> bool:
         return False
 
 
-def start_redis(port: int, workdir: Path) -> subprocess.Popen:
+def start_redis(port: int, workdir: Path, *options: str, url: str | None = None) -> subprocess.Popen:
     proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)],
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir), *options],
         stdout=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 10
-    while not redis_answers(f"redis://127.0.0.1:{port}/0"):
+    while not redis_answers(url or f"redis://127.0.0.1:{port}/0"):
         assert time.monotonic() < deadline, "redis-server did not start"
         time.sleep(0.05)
     return proc
@@ -215,6 +217,31 @@ def test_an_update_posted_while_redis_is_down_is_applied_when_it_returns(deploy,
             status = wait_for_update(c, r.json()["update_id"], timeout=120)
         assert (status["status"], status["model_version"]) == ("applied", 2)
         assert hammer.statuses and set(hammer.statuses) == {200}
+    finally:
+        server.kill()
+
+
+def test_a_redis_with_an_acl_user_and_password_and_jobs_that_are_json(deploy, tmp_path: Path):
+    port = free_port()
+    url = f"redis://warmtune:s3cret@127.0.0.1:{port}/0"
+    # the default user is off: a client without the password is refused
+    server = start_redis(port, tmp_path, "--user", "default", "off", "--user", "warmtune", "on", ">s3cret", "~*", "&*", "+@all", url=url)
+    try:
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=port).ping()
+        d = deploy(url)
+        api = d.api("api")
+        with api.client() as c:
+            update = post(c, {"red": 10, "green": 10}, seed=1)
+        connection = redis.Redis.from_url(url)
+        [job_id] = [j.decode() for j in connection.lrange(f"rq:queue:{d.env['WARMTUNE_QUEUE_NAME']}", 0, -1)]
+        data = json.loads(zlib.decompress(connection.hget(f"rq:job:{job_id}", "data")))  # JSON, not a pickle
+        assert data[0] == "worker.rq.run_update_job"
+
+        d.worker("worker")
+        with api.client() as c:
+            assert wait_for_update(c, update["update_id"])["status"] == "applied"
+            wait_until_served(c, 1, timeout=30)
     finally:
         server.kill()
 

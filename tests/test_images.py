@@ -56,7 +56,6 @@ def ico_holding(png: bytes) -> bytes:
     return header + entry + png
 
 
-@pytest.mark.filterwarnings("ignore:IM image format is deprecated")
 @pytest.mark.parametrize(
     "data,named",
     [

@@ -91,24 +91,6 @@ def apply_pending_updates(
     return results
 
 
-def run_update_job() -> list[dict[str, Any]]:
-    """The RQ job: apply everything pending, announcing each new version to the API replicas."""
-    import redis
-
-    from app.queue import announce_swap, queued_key
-
-    settings = get_settings()
-    connection = redis.Redis.from_url(settings.redis_url)
-    connection.delete(queued_key(settings))  # sets stored from now on queue the next job
-
-    def announce(result: StepResult) -> None:
-        if result.version is not None:
-            announce_swap(connection, settings, result.version)
-
-    results = apply_pending_updates(settings, on_step=announce)
-    return [{"status": r.status, "update_ids": r.update_ids, "version": r.version, "reason": r.reason} for r in results]
-
-
 def record_outcome(
     ledger: Ledger, sets: list[UpdateSet], status: Literal["rejected", "failed"], reason: str, metrics: dict[str, Any]
 ) -> StepResult:
