@@ -62,6 +62,10 @@ class UnknownVersion(WarmtuneError):
     """No model version has this number."""
 
 
+class VersionPruned(WarmtuneError):
+    """A version whose weights retention deleted: it cannot be served or promoted."""
+
+
 class IdempotencyConflict(WarmtuneError):
     """An Idempotency-Key already names a stored set with a different payload."""
 

@@ -77,6 +77,14 @@ class Settings(BaseSettings):
     seed: int | None = Field(None, description="Seed for sampling and head init; unset means random.")
     log_every: int = Field(50, ge=1, description="Training logs a line every this many iterations.")
 
+    # Retention: which versions keep their weights (every version keeps its metadata)
+    retain_versions: int = Field(
+        10, ge=1, description="The newest versions that keep their weights, besides the current one and pinned ones."
+    )
+    retain_seconds: float = Field(
+        0.0, ge=0, description="A rollback window: versions younger than this keep their weights too (0: none)."
+    )
+
     # Input limits
     max_image_pixels: int = Field(
         16_000_000, ge=1, description="Largest width*height of one image (a 12-megapixel phone photo fits; decompression bombs do not)."

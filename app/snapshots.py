@@ -1,12 +1,16 @@
 """The snapshot store: immutable model versions and one pointer saying which is current.
 
     snapshots/<version>/model.safetensors, meta.json   a published version, never overwritten
+    snapshots/<version>/PINNED                         an admin asked to keep its weights
     snapshots/POINTER                                  {"current": v, "latest": n}, replaced atomically
     snapshots/outcomes/<id>.json                       update sets rejected, failed, or queued again
 
 Publishing writes the version directory under a temporary name, renames it into place and only
 then moves the pointer: the pointer is the commit. A directory numbered above "latest" is the
 leftover of a crash between the two and is never served.
+
+Retention deletes the weights of versions nobody needs any more (prune) and keeps their
+meta.json: the lineage is forever, the weights are not.
 """
 
 from __future__ import annotations
@@ -25,11 +29,12 @@ import torch
 from pydantic import BaseModel, Field
 from safetensors.torch import load_file, save_file
 
-from app.errors import LineageMoved, UnknownVersion
+from app.errors import LineageMoved, UnknownVersion, VersionPruned
 from app.files import atomic_write_json, fsync_dir, read_json
 
 WEIGHTS = "model.safetensors"
 META = "meta.json"
+PINNED = "PINNED"
 
 
 class SnapshotMeta(BaseModel):
@@ -108,8 +113,52 @@ class SnapshotStore:
         return self._metas[version]
 
     def weights(self, version: int) -> dict[str, torch.Tensor]:
-        self.meta(version)
+        self.require_weights(version)
         return load_file(self.root / str(version) / WEIGHTS)
+
+    def has_weights(self, version: int) -> bool:
+        return (self.root / str(version) / WEIGHTS).exists()
+
+    def require_weights(self, version: int) -> None:
+        self.meta(version)
+        if not self.has_weights(version):
+            raise VersionPruned(
+                f"version {version} has no weights any more: retention pruned them (its metadata stays); "
+                "pin a version to keep its weights"
+            )
+
+    def pinned(self, version: int) -> bool:
+        return (self.root / str(version) / PINNED).exists()
+
+    def pin(self, version: int, pinned: bool = True) -> None:
+        """Keep a version's weights whatever retention says (pinned=False lets retention prune it again)."""
+        with self._pointer_lock():  # against prune
+            self.require_weights(version) if pinned else self.meta(version)
+            marker = self.root / str(version) / PINNED
+            if pinned:
+                marker.touch()
+            else:
+                marker.unlink(missing_ok=True)
+            fsync_dir(marker.parent)
+
+    def prune(self, keep_last: int, keep_seconds: float) -> list[int]:
+        """Delete the weights of every version that is not current, not among the keep_last newest,
+        not pinned and older than keep_seconds; returns the versions pruned."""
+        pruned = []
+        with self._pointer_lock():  # against promote: it checks for weights under the same lock
+            current, versions = self.current(), self.versions()
+            newest = set(versions[-keep_last:]) if keep_last > 0 else set()
+            now = time.time()
+            for version in versions:
+                if version == current or version in newest or not self.has_weights(version) or self.pinned(version):
+                    continue
+                if now - self.meta(version).created_at < keep_seconds:
+                    continue
+                (self.root / str(version) / WEIGHTS).unlink()
+                pruned.append(version)
+            if pruned:
+                fsync_dir(self.root)
+        return pruned
 
     def lineage(self, version: int | None) -> list[SnapshotMeta]:
         """The version and its ancestors, newest first."""
@@ -149,7 +198,7 @@ class SnapshotStore:
     def promote(self, version: int) -> None:
         """Make an existing version current (rollback or forward)."""
         with self._pointer_lock():
-            self.meta(version)
+            self.require_weights(version)
             pointer = self.pointer()
             atomic_write_json(self.root / "POINTER", {"current": version, "latest": pointer["latest"]})
 

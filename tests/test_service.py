@@ -217,3 +217,23 @@ def test_concurrent_requests_share_forward_passes(server: Server):
     count = float(re.search(r"warmtune_predict_batch_size_count (\S+)", metrics).group(1))
     total = float(re.search(r"warmtune_predict_batch_size_sum (\S+)", metrics).group(1))
     assert total >= 160 and count < total  # some forward passes carried several requests
+
+
+def test_retention_prunes_old_weights_keeps_pinned_ones_and_refuses_to_promote_a_pruned_version(tmp_path: Path):
+    server = start_server(fast_env(tmp_path / "home", WARMTUNE_RETAIN_VERSIONS="1"), tmp_path / "server.log")
+    try:
+        with server.client() as c:
+            wait_for_update(c, post_set(c, {"red": 10, "green": 10}, seed=1)["update_id"])
+            assert c.post("/models/1/pin").json()["versions"][0]["pinned"] is True
+            for seed, counts in ((2, {"blue": 10}), (3, {"red": 5})):
+                wait_for_update(c, post_set(c, counts, seed=seed)["update_id"])
+            versions = c.get("/models").json()["versions"]
+            assert [(v["version"], v["has_weights"]) for v in versions] == [(1, True), (2, False), (3, True)]
+            assert not (tmp_path / "home" / "snapshots" / "2" / "model.safetensors").exists()
+            refused = c.post("/models/2/promote")
+            assert refused.status_code == 409 and "version 2 has no weights any more" in refused.json()["detail"]
+            assert c.post("/models/1/promote").status_code == 200
+            wait_until_served(c, 1)
+            assert c.get("/models").json()["current"] == 1
+    finally:
+        server.kill()

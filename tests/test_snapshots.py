@@ -3,7 +3,7 @@ import shutil
 import pytest
 import torch
 
-from app.errors import LineageMoved, UnknownVersion
+from app.errors import LineageMoved, UnknownVersion, VersionPruned
 from app.snapshots import Outcome, SnapshotMeta, SnapshotStore
 
 
@@ -81,3 +81,27 @@ def test_outcomes_are_recorded_and_read_back(tmp_path):
     store.record_outcome(Outcome(outcome_id="o1", status="rejected", parent=None, update_ids=["u1"], reason="bad"))
     again = SnapshotStore(tmp_path).outcomes()
     assert [(o.status, o.update_ids, o.reason) for o in again] == [("rejected", ["u1"], "bad")]
+
+
+def test_retention_prunes_weights_but_keeps_current_newest_pinned_recent_and_every_meta(tmp_path):
+    store = SnapshotStore(tmp_path)
+    for v in range(1, 7):
+        store.publish(state(float(v)), meta(v - 1 or None))
+    store.pin(2)
+    store.promote(1)  # the current version is kept whatever its age or number
+    assert store.prune(keep_last=2, keep_seconds=0) == [3, 4]
+    assert [v for v in store.versions() if store.has_weights(v)] == [1, 2, 5, 6]
+    assert store.versions() == [1, 2, 3, 4, 5, 6] and store.meta(3).parent == 2  # the lineage is forever
+    with pytest.raises(VersionPruned, match="version 3 has no weights any more"):
+        store.promote(3)
+    with pytest.raises(VersionPruned):
+        store.weights(4)
+    with pytest.raises(VersionPruned):
+        store.pin(4)
+    assert store.current() == 1
+
+    store.pin(2, pinned=False)
+    store.promote(6)
+    assert store.prune(keep_last=2, keep_seconds=3600) == []  # a rollback window keeps the young ones
+    assert store.prune(keep_last=1, keep_seconds=0) == [1, 2, 5]
+    assert [v for v in store.versions() if store.has_weights(v)] == [6]

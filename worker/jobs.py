@@ -265,6 +265,8 @@ def apply_step(settings: Settings, ledger: Ledger, pending: list[UpdateSet], loc
     )
     version = ledger.snapshots.publish(model.state_dict(), meta)
     metrics["publish_seconds"] = time.perf_counter() - clock
+    if pruned := ledger.snapshots.prune(settings.retain_versions, settings.retain_seconds):
+        log.info("retention pruned the weights of version(s) %s (their metadata stays)", pruned)
     log.info(
         "published version %d (%d classes): holdout %s; %d iterations in %.1fs; written in %.2fs",
         version, len(classes), metrics["holdout_after"], stats.iterations, stats.seconds, metrics["publish_seconds"],

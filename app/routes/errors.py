@@ -22,6 +22,7 @@ from app.errors import (
     UnknownUpdate,
     UnknownVersion,
     UnsupportedMediaType,
+    VersionPruned,
     WarmtuneError,
 )
 
@@ -35,6 +36,7 @@ HTTP_STATUS: dict[type[WarmtuneError], int] = {
     IdempotencyConflict: 409,
     RequestTimeout: 408,
     NotRetryable: 409,
+    VersionPruned: 409,
     TooLarge: 413,
     UnsupportedMediaType: 415,
     InvalidParameter: 422,

@@ -1,4 +1,5 @@
-"""GET /models lists the versions; POST /models/{version}/promote makes one current (rollback or forward)."""
+"""GET /models lists the versions; POST /models/{version}/promote makes one current (rollback or
+forward); POST and DELETE /models/{version}/pin keep a version's weights from retention or release them."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ class ModelVersionOut(BaseModel):
     created_at: float
     update_ids: list[str]
     metrics: dict[str, Any]
+    has_weights: bool  # False once retention pruned them: it can no longer be served or promoted
+    pinned: bool
 
 
 class ModelsOut(BaseModel):
@@ -29,7 +32,10 @@ class ModelsOut(BaseModel):
 
 
 def list_models(snapshots: SnapshotStore) -> ModelsOut:
-    versions = [ModelVersionOut(**snapshots.meta(v).model_dump()) for v in snapshots.versions()]
+    versions = [
+        ModelVersionOut(**snapshots.meta(v).model_dump(), has_weights=snapshots.has_weights(v), pinned=snapshots.pinned(v))
+        for v in snapshots.versions()
+    ]
     return ModelsOut(current=snapshots.current(), versions=versions)
 
 
@@ -47,3 +53,19 @@ async def promote(request: Request, version: int) -> ModelsOut:
     await state.server.refresh()
     await run_in_threadpool(state.queue.announce, version)
     return await run_in_threadpool(list_models, state.ledger.snapshots)
+
+
+@router.post("/models/{version}/pin", response_model=ModelsOut, dependencies=[Depends(require("admin"))])
+async def pin(request: Request, version: int) -> ModelsOut:
+    """Keep this version's weights whatever retention says (409 if they are already pruned)."""
+    snapshots = request.app.state.ledger.snapshots
+    await run_in_threadpool(snapshots.pin, version, True)
+    return await run_in_threadpool(list_models, snapshots)
+
+
+@router.delete("/models/{version}/pin", response_model=ModelsOut, dependencies=[Depends(require("admin"))])
+async def unpin(request: Request, version: int) -> ModelsOut:
+    """Let retention prune this version's weights again once it is old enough."""
+    snapshots = request.app.state.ledger.snapshots
+    await run_in_threadpool(snapshots.pin, version, False)
+    return await run_in_threadpool(list_models, snapshots)
