@@ -77,6 +77,17 @@ class Settings(BaseSettings):
     seed: int | None = Field(None, description="Seed for sampling and head init; unset means random.")
     log_every: int = Field(50, ge=1, description="Training logs a line every this many iterations.")
 
+    # When a step runs (Continuum's trigger policies, SoCC 2018)
+    trigger: Literal["best-effort", "batched"] = Field(
+        "best-effort",
+        description="best-effort: a step as soon as sets are pending; batched: once enough samples are pending "
+        "or the oldest set has waited long enough (fewer, larger steps and snapshots).",
+    )
+    trigger_samples: int = Field(100, ge=1, description="batched: a step once this many samples are pending.")
+    trigger_wait_s: float = Field(
+        300.0, ge=0, description="batched: a step once the oldest pending set has waited this many seconds."
+    )
+
     # Retention: which versions keep their weights (every version keeps its metadata)
     retain_versions: int = Field(
         10, ge=1, description="The newest versions that keep their weights, besides the current one and pinned ones."

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -235,5 +236,21 @@ def test_retention_prunes_old_weights_keeps_pinned_ones_and_refuses_to_promote_a
             assert c.post("/models/1/promote").status_code == 200
             wait_until_served(c, 1)
             assert c.get("/models").json()["current"] == 1
+    finally:
+        server.kill()
+
+
+def test_a_batched_trigger_holds_small_sets_until_enough_samples_are_pending(tmp_path: Path):
+    env = fast_env(tmp_path / "home", WARMTUNE_TRIGGER="batched", WARMTUNE_TRIGGER_SAMPLES="30", WARMTUNE_TRIGGER_WAIT_S="3600")
+    server = start_server(env, tmp_path / "server.log")
+    try:
+        with server.client() as c:
+            first = post_set(c, {"red": 10, "green": 10}, seed=1)["update_id"]
+            for _ in range(3):  # three polls of the service (WARMTUNE_POLL_INTERVAL_S=0.5): it stays queued, not running
+                time.sleep(0.5)
+                assert c.get(f"/updates/{first}").json()["status"] == "queued"
+            second = post_set(c, {"red": 5, "green": 5}, seed=2)["update_id"]
+            statuses = [wait_for_update(c, u) for u in (first, second)]
+            assert [(s["status"], s["model_version"]) for s in statuses] == [("applied", 1), ("applied", 1)]
     finally:
         server.kill()

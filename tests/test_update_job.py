@@ -1,5 +1,7 @@
 """Real update steps on generated images: warm start, head growth, replay, gate, publish."""
 
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -176,3 +178,22 @@ def test_running_is_reported_while_a_job_holds_the_update(settings):
     assert ledger.counts()["running"] == 1
     ledger.mark_running([update], lease_s=-1)  # a dead job's marker expires by itself
     assert ledger.status(update).status == "queued"
+
+
+def test_the_batched_trigger_waits_for_enough_samples_or_time_then_takes_them_in_one_step(make_settings):
+    settings = make_settings(trigger="batched", trigger_samples=30, trigger_wait_s=3600)
+    ledger = Ledger(settings)
+    small = add(ledger, *make_set({"red": 10, "green": 10}, seed=1))
+    assert apply_pending_updates(settings) == [] and ledger.status(small).status == "queued"
+    more = add(ledger, *make_set({"red": 5, "green": 5}, seed=2))  # 30 samples pending now
+    [step] = apply_pending_updates(settings)
+    assert (step.status, step.version, sorted(step.update_ids)) == ("applied", 1, sorted([small, more]))
+
+    late = add(ledger, *make_set({"blue": 4}, seed=3))
+    assert apply_pending_updates(settings) == []
+    waited = make_settings(trigger="batched", trigger_samples=30, trigger_wait_s=0.5)
+    deadline = time.monotonic() + 30
+    while not (steps := apply_pending_updates(waited)):  # the oldest set's wait runs out
+        assert time.monotonic() < deadline, "the batched trigger never fired"
+        time.sleep(0.1)
+    assert [(s.status, s.update_ids) for s in steps] == [("applied", [late])]

@@ -65,7 +65,7 @@ def apply_pending_updates(
 
     with LineageLock(settings, on_renew=renew_marker) as lock:
         ledger.snapshots.remove_leftovers()
-        while pending := ledger.pending():
+        while (pending := ledger.pending()) and step_due(settings, pending, time.time()):
             running[:] = [u.update_id for u in pending]
             ledger.mark_running(running, settings.lock_lease_s)
             try:
@@ -89,6 +89,20 @@ def apply_pending_updates(
                 if result.version is not None:
                     ledger.reconsider_rejected(result.version, settings.retry_auto_max)
     return results
+
+
+def step_due(settings: Settings, pending: list[UpdateSet], now: float) -> bool:
+    """Whether the trigger policy runs a step on these pending sets now (oldest first).
+
+    Sets that wait stay queued: the next job (woken by the service's poll) asks again.
+    """
+    if settings.trigger == "best-effort":
+        return True
+    samples, waited = sum(len(u) for u in pending), now - pending[0].received_at
+    if samples >= settings.trigger_samples or waited >= settings.trigger_wait_s:
+        return True
+    log.debug("batched trigger: %d of %d samples pending, oldest waited %.0f of %.0f s", samples, settings.trigger_samples, waited, settings.trigger_wait_s)
+    return False
 
 
 def record_outcome(
