@@ -58,12 +58,20 @@ class UnknownUpdate(WarmtuneError):
     """No update set has this id."""
 
 
+class CorruptUpdate(WarmtuneError):
+    """A stored update set whose file cannot be read; it is moved to quarantine, never deleted."""
+
+
 class UnknownVersion(WarmtuneError):
     """No model version has this number."""
 
 
 class VersionPruned(WarmtuneError):
     """A version whose weights retention deleted: it cannot be served or promoted."""
+
+
+class VersionUnloadable(WarmtuneError):
+    """A version whose weights fail to load: promoting it is refused, the current version stays."""
 
 
 class IdempotencyConflict(WarmtuneError):

@@ -3,24 +3,26 @@
 Each set's attempts are the versions that list it and the outcome records that name it (rejected,
 failed, queued again). A set is applied when a version in the current version's lineage lists it,
 orphaned when only versions a promote abandoned do, rejected or failed when its last attempt says
-so, running while a live job says it is working on it, and queued otherwise.
+so, running while a live job says it is working on it, and queued otherwise. A set whose file
+cannot be read is quarantined: moved aside, with its reason, and left out of every step.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from app.errors import NotRetryable
+from app.errors import CorruptUpdate, NotRetryable
 from app.files import atomic_write_json, read_json
 from app.samples import SampleStore, UpdateSet
 from app.settings import Settings
 from app.snapshots import Outcome, SnapshotStore
 
-Status = Literal["queued", "running", "applied", "rejected", "failed", "orphaned"]
-STATUSES: tuple[Status, ...] = ("queued", "running", "applied", "rejected", "failed", "orphaned")
+Status = Literal["queued", "running", "applied", "rejected", "failed", "orphaned", "quarantined"]
+STATUSES: tuple[Status, ...] = ("queued", "running", "applied", "rejected", "failed", "orphaned", "quarantined")
 RETRYABLE: tuple[Status, ...] = ("rejected", "failed", "orphaned")
 
 
@@ -113,19 +115,26 @@ class Ledger:
     def pending(self) -> list[UpdateSet]:
         """Stored update sets waiting for a step (never tried, or queued again), oldest first."""
         settled = self.settled()
-        sets = [self.samples.get(i) for i in self.samples.ids() if settled.get(i, ("queued", None))[0] == "queued"]
+        sets = self.readable([i for i in self.samples.ids() if settled.get(i, ("queued", None))[0] == "queued"])
         return sorted(sets, key=lambda s: (s.received_at, s.update_id))
+
+    def readable(self, update_ids: list[str]) -> list[UpdateSet]:
+        """The sets of these ids that can be read; the others are quarantined (and logged) on the way."""
+        sets = []
+        for update_id in update_ids:
+            with suppress(CorruptUpdate):
+                sets.append(self.samples.get(update_id))
+        return sets
 
     def replay_sets(self, version: int | None) -> list[UpdateSet]:
         """The update sets a version was trained on: its own and its ancestors' (the replay memory)."""
-        return [
-            self.samples.get(update_id)
-            for meta in reversed(self.snapshots.lineage(version))
-            for update_id in meta.update_ids
-        ]
+        return self.readable([update_id for meta in reversed(self.snapshots.lineage(version)) for update_id in meta.update_ids])
 
     def status(self, update_id: str) -> UpdateStatus:
-        update = self.samples.get(update_id)
+        try:
+            update = self.samples.get(update_id)
+        except CorruptUpdate as exc:
+            return UpdateStatus(update_id, "quarantined", 0, error=str(exc))
         attempts = self.history().get(update_id, [])
         status, attempt = settle(attempts, self.current_lineage())
         if status == "queued":
@@ -147,6 +156,7 @@ class Ledger:
         for update_id in self.samples.ids():
             status = settled.get(update_id, ("queued", None))[0]
             counts["running" if status == "queued" and update_id in running else status] += 1
+        counts["quarantined"] = len(self.samples.quarantined())
         return counts
 
     # Trying again
@@ -175,7 +185,7 @@ class Ledger:
         Each set is reconsidered at most max_automatic times by itself, so a bad set costs a
         bounded number of checks and never loops.
         """
-        applied = {label for update_id in self.snapshots.meta(version).update_ids for label in self.samples.get(update_id).labels}
+        applied = {label for update in self.readable(self.snapshots.meta(version).update_ids) for label in update.labels}
         requeued = []
         history = self.history()
         settled = self.settled(history)
@@ -183,7 +193,10 @@ class Ledger:
             if settled[update_id][0] != "rejected":
                 continue
             automatic = sum(a.status == "requeued" and bool(a.metrics.get("automatic")) for a in attempts)
-            shared = sorted(applied & set(self.samples.get(update_id).labels))
+            [update] = self.readable([update_id]) or [None]
+            if update is None:
+                continue
+            shared = sorted(applied & set(update.labels))
             if automatic < max_automatic and shared:
                 try:
                     self.requeue(update_id, f"reconsidered: version {version} applied more images of {', '.join(shared)}", True)

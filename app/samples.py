@@ -9,7 +9,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import math
+import os
 import random
 import re
 import threading
@@ -17,14 +19,18 @@ import time
 import uuid
 import zipfile
 from collections.abc import Iterable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.errors import IdempotencyConflict, InvalidLabel, InvalidUpdate, UnknownUpdate
+from app.errors import CorruptUpdate, IdempotencyConflict, InvalidLabel, InvalidUpdate, UnknownUpdate
 from app.files import create_exclusive
 from app.images import check_pixel_budget, decode_image
 
 UPDATE_ID = re.compile(r"^[0-9a-f]{32}$")
+QUARANTINE = "quarantine"  # unreadable sets are moved here, with a .reason file beside each
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -194,24 +200,46 @@ class SampleStore:
         return buffer.getvalue()
 
     def get(self, update_id: str) -> UpdateSet:
-        if update_id in self._cache:
+        if update_id in self._cache and self._cache[update_id].path.exists():  # not quarantined by another process
             return self._cache[update_id]
         path = self.path(update_id)
         if not UPDATE_ID.match(update_id) or not path.is_file():
+            if UPDATE_ID.match(update_id) and self.quarantine_reason(update_id) is not None:
+                raise CorruptUpdate(f"update set {update_id} is quarantined: {self.quarantine_reason(update_id)}")
             raise UnknownUpdate(f"no update set with id {update_id!r}")
-        with zipfile.ZipFile(path) as archive:
-            manifest = json.loads(archive.read("manifest.json"))
-        update = UpdateSet(
-            update_id=update_id,
-            received_at=manifest["received_at"],
-            labels=tuple(manifest["labels"]),
-            holdout=frozenset(manifest["holdout"]),
-            new_classes=tuple(manifest["new_classes"]),
-            path=path,
-            fingerprint=manifest.get("fingerprint", ""),
-        )
+        try:
+            with zipfile.ZipFile(path) as archive:
+                manifest = json.loads(archive.read("manifest.json"))
+            update = UpdateSet(
+                update_id=update_id,
+                received_at=manifest["received_at"],
+                labels=tuple(manifest["labels"]),
+                holdout=frozenset(manifest["holdout"]),
+                new_classes=tuple(manifest["new_classes"]),
+                path=path,
+                fingerprint=manifest.get("fingerprint", ""),
+            )
+        except (zipfile.BadZipFile, KeyError, TypeError, ValueError, OSError) as exc:
+            raise self.quarantine(update_id, f"its file could not be read ({type(exc).__name__}: {exc})") from None
         self._cache[update_id] = update
         return update
+
+    def quarantine(self, update_id: str, reason: str) -> CorruptUpdate:
+        """Move an unreadable set's file aside (never delete it: it is accepted data) and say why."""
+        folder = self.root / QUARANTINE
+        folder.mkdir(exist_ok=True)
+        (folder / f"{update_id}.reason").write_text(reason)
+        with suppress(FileNotFoundError):  # another process moved it first
+            os.replace(self.path(update_id), folder / f"{update_id}.zip")
+        log.error("update set %s quarantined to %s: %s", update_id, folder, reason)
+        return CorruptUpdate(f"update set {update_id} is quarantined: {reason}")
+
+    def quarantine_reason(self, update_id: str) -> str | None:
+        path = self.root / QUARANTINE / f"{update_id}.reason"
+        return path.read_text() if path.exists() else None
+
+    def quarantined(self) -> list[str]:
+        return [p.stem for p in (self.root / QUARANTINE).glob("*.zip")]
 
     def ids(self) -> list[str]:
         """Ids of every stored update set (temporary files of unfinished writes are not sets)."""

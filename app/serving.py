@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from app.errors import NoModel
+from app.errors import NoModel, VersionUnloadable, WarmtuneError
 from app.images import check_pixel_budget, image_to_pixels, to_model_input
 from app.ledger import Ledger
 from app.metrics import Metrics
@@ -120,6 +120,7 @@ class ModelServer:
         await self.swap(wanted)
 
     async def swap(self, version: int) -> None:
+        """Serve this version; if it fails to load, the old one keeps serving and the failure is remembered."""
         async with self._swap_lock:
             if self.current is not None and self.current.version == version:
                 return
@@ -131,13 +132,32 @@ class ModelServer:
                 self.metrics.swap_failures.inc()
                 log.exception("could not load version %d; version %s keeps serving", version, self.served_version)
                 return
-            previous = self.served_version
-            self.current = served
-            seconds = time.perf_counter() - clock
-            meta = self.snapshots.meta(version)
-            self.metrics.served(version, len(served.classes), meta.metrics.get("holdout_after"), seconds)
-            self.record_label_to_serve(version)
-            log.info("now serving version %d (%d classes; was %s), loaded in %.2fs", version, len(served.classes), previous, seconds)
+            self.serve(served, time.perf_counter() - clock)
+
+    async def promote(self, version: int) -> None:
+        """Make a version current only if it loads: load it, move the pointer, serve it."""
+        async with self._swap_lock:
+            clock = time.perf_counter()
+            try:
+                served = await asyncio.to_thread(load_version, self.snapshots, version, self.device)
+            except WarmtuneError:  # unknown or pruned: the message says so
+                raise
+            except Exception as exc:
+                raise VersionUnloadable(
+                    f"version {version} cannot be loaded ({type(exc).__name__}: {str(exc)[:200]}); "
+                    f"version {self.served_version} stays current"
+                ) from None
+            await asyncio.to_thread(self.snapshots.promote, version)
+            self.broken.pop(version, None)
+            self.serve(served, time.perf_counter() - clock)
+
+    def serve(self, served: ServedModel, seconds: float) -> None:
+        previous = self.served_version
+        self.current = served
+        meta = self.snapshots.meta(served.version)
+        self.metrics.served(served.version, len(served.classes), meta.metrics.get("holdout_after"), seconds)
+        self.record_label_to_serve(served.version)
+        log.info("now serving version %d (%d classes; was %s), loaded in %.2fs", served.version, len(served.classes), previous, seconds)
 
     @property
     def served_version(self) -> int | None:
@@ -146,14 +166,11 @@ class ModelServer:
     def record_label_to_serve(self, version: int) -> None:
         """Observe, once per update set, the time from storing it to serving a version that includes it."""
         now = time.time()
-        for meta in self.snapshots.lineage(version):
-            for update_id in meta.update_ids:
-                if update_id in self._observed:
-                    continue
-                self._observed.add(update_id)
-                received_at = self.ledger.samples.get(update_id).received_at
-                if received_at >= self.started_at:  # sets stored before this process started are not its to time
-                    self.metrics.update_duration.observe(now - received_at)
+        unseen = [u for meta in self.snapshots.lineage(version) for u in meta.update_ids if u not in self._observed]
+        self._observed.update(unseen)
+        for update in self.ledger.readable(unseen):
+            if update.received_at >= self.started_at:  # sets stored before this process started are not its to time
+                self.metrics.update_duration.observe(now - update.received_at)
 
     # Predicting ------------------------------------------------------------------------------
 

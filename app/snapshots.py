@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, Field
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
 from app.errors import LineageMoved, UnknownVersion, VersionPruned
 from app.files import atomic_write_json, fsync_dir, read_json
@@ -114,7 +114,9 @@ class SnapshotStore:
 
     def weights(self, version: int) -> dict[str, torch.Tensor]:
         self.require_weights(version)
-        return load_file(self.root / str(version) / WEIGHTS)
+        # Read into memory rather than load_file's memory map: a served model must not depend on a
+        # file that something outside may truncate (its next page fault would kill the process).
+        return load((self.root / str(version) / WEIGHTS).read_bytes())
 
     def has_weights(self, version: int) -> bool:
         return (self.root / str(version) / WEIGHTS).exists()

@@ -173,26 +173,29 @@ def test_keys_and_roles(tmp_path: Path):
         server.kill()
 
 
-def test_a_version_that_fails_to_load_leaves_the_old_one_serving(server: Server, tmp_path: Path):
+def test_a_version_that_fails_to_load_is_not_promoted_and_a_late_replica_says_why_it_is_not_ready(server: Server, tmp_path: Path):
+    snapshots = tmp_path / "home" / "snapshots"
     with server.client() as c:
         for seed, counts in enumerate([{"red": 10, "green": 10}, {"blue": 10}], start=1):
             wait_for_update(c, post_set(c, counts, seed=seed)["update_id"])
         wait_until_served(c, 2)
-        c.post("/models/1/promote")
-        (tmp_path / "home" / "snapshots" / "2" / "model.safetensors").write_bytes(b"garbage")
+        assert c.post("/models/1/promote").status_code == 200
+        (snapshots / "2" / "model.safetensors").write_bytes(b"garbage")
         r = c.post("/models/2/promote")
-        assert r.status_code == 200 and r.json()["current"] == 2
+        assert r.status_code == 409 and "version 2 cannot be loaded" in r.json()["detail"], r.text
+        assert c.get("/models").json()["current"] == 1 and predict(c, make_set({"red": 1})[0])["model_version"] == 1
+        # the current version's file goes bad too: this replica serves it from memory; a new one cannot load it
+        (snapshots / "1" / "model.safetensors").write_bytes(b"garbage")
         assert predict(c, make_set({"red": 1})[0])["model_version"] == 1
-        metrics = c.get("/metrics").text
-        assert "warmtune_swap_failures_total 1.0" in metrics and "warmtune_model_version 1.0" in metrics
-        assert re.search(r"could not load version 2; version 1 keeps serving", server.output())
     late = start_server(fast_env(tmp_path / "home"), tmp_path / "late.log")  # starts with nothing it can serve
     try:
         with late.client() as c:
             r = c.get("/readyz")
             assert r.status_code == 503 and r.json()["model_version"] is None
-            assert r.json()["detail"] == "version 2 failed to load; the server log says why"  # no exception text to anyone
-            assert "SafetensorError" in late.output()
+            assert r.json()["detail"] == "version 1 failed to load; the server log says why"  # no exception text to anyone
+            assert "warmtune_swap_failures_total 1.0" in c.get("/metrics").text
+        assert re.search(r"could not load version 1; version None keeps serving", late.output())
+        assert "SafetensorError" in late.output()
     finally:
         late.kill()
 
@@ -254,3 +257,23 @@ def test_a_batched_trigger_holds_small_sets_until_enough_samples_are_pending(tmp
             assert [(s["status"], s["model_version"]) for s in statuses] == [("applied", 1), ("applied", 1)]
     finally:
         server.kill()
+
+
+def test_an_unreadable_set_is_quarantined_and_the_others_go_on(server: Server, tmp_path: Path):
+    samples = tmp_path / "home" / "samples"
+    with server.client() as c:
+        first = post_set(c, {"red": 10, "green": 10}, seed=1)["update_id"]
+        wait_for_update(c, first)
+        damaged = "d" * 32
+        (samples / f"{damaged}.zip").write_bytes(b"PK\x03\x04 not really a zip")  # a file damaged on disk
+        (samples / f"{first}.zip").write_bytes((samples / f"{first}.zip").read_bytes()[:100])  # an applied set, truncated
+        later = post_set(c, {"blue": 10}, seed=2)["update_id"]
+        assert wait_for_update(c, later)["status"] == "applied"  # neither stops the lineage
+
+        for update_id in (damaged, first):
+            status = c.get(f"/updates/{update_id}").json()
+            assert status["status"] == "quarantined" and "could not be read" in status["error"], status
+            assert (samples / "quarantine" / f"{update_id}.zip").exists()  # moved aside, never deleted
+            assert c.post(f"/updates/{update_id}/retry").status_code == 409
+        assert 'warmtune_updates_total{status="quarantined"} 2.0' in c.get("/metrics").text
+        assert "quarantined" in server.output()

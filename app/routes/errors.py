@@ -23,6 +23,7 @@ from app.errors import (
     UnknownVersion,
     UnsupportedMediaType,
     VersionPruned,
+    VersionUnloadable,
     WarmtuneError,
 )
 
@@ -37,6 +38,7 @@ HTTP_STATUS: dict[type[WarmtuneError], int] = {
     RequestTimeout: 408,
     NotRetryable: 409,
     VersionPruned: 409,
+    VersionUnloadable: 409,
     TooLarge: 413,
     UnsupportedMediaType: 415,
     InvalidParameter: 422,

@@ -46,11 +46,9 @@ async def get_models(request: Request) -> ModelsOut:
 
 @router.post("/models/{version}/promote", response_model=ModelsOut, dependencies=[Depends(require("admin"))])
 async def promote(request: Request, version: int) -> ModelsOut:
-    """Make an existing version current; this replica serves it before answering, the others follow."""
+    """Make an existing version current; this replica loads and serves it before answering, the others follow."""
     state = request.app.state
-    await run_in_threadpool(state.ledger.snapshots.promote, version)
-    state.server.broken.pop(version, None)  # an explicit promote retries a version that failed to load
-    await state.server.refresh()
+    await state.server.promote(version)  # 409, and nothing moves, if it does not load here
     await run_in_threadpool(state.queue.announce, version)
     return await run_in_threadpool(list_models, state.ledger.snapshots)
 
