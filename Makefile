@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEBIAN_PACKAGES := dataset-fashion-mnist redis-server docker-compose
 REDIS_PORT ?= 6379
 
-.PHONY: install system-deps redis test demo bench bench-stream experiment clean
+.PHONY: install system-deps redis test demo bench bench-stream bench-history experiment clean
 
 install: system-deps $(STAMP)
 
@@ -46,6 +46,10 @@ bench: install
 bench-stream: install
 	$(BIN)/warmtune bench stream --arch resnet18 --image-size 32
 	$(BIN)/warmtune bench stream --arch alexnet --image-size 64
+
+# GET /updates/{id} and /metrics against 10 to 1000 versions and 100 to 10,000 sets (about 2 minutes).
+bench-history: install
+	$(BIN)/warmtune bench history
 
 experiment: install
 	$(BIN)/warmtune experiment --study all --quick --out var/experiment-quick

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -62,3 +63,15 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
+
+
+# Directory mtimes move in steps of a filesystem's timestamp resolution (1 ns on ext4 and tmpfs,
+# up to seconds elsewhere): a directory changed more recently than this may change again
+# without its mtime moving, so a cache must not trust it yet (git's "racy index" rule).
+RACY_NS = 2_000_000_000
+
+
+def directory_version(path: Path) -> int | None:
+    """A directory's mtime in ns, to key a cache of its listing; None while it is too fresh to trust."""
+    changed = path.stat().st_mtime_ns
+    return None if time.time_ns() - changed < RACY_NS else changed

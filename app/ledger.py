@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from app.errors import CorruptUpdate, NotRetryable
-from app.files import atomic_write_json, read_json
+from app.files import atomic_write_json, directory_version, read_json
 from app.samples import SampleStore, UpdateSet
 from app.settings import Settings
 from app.snapshots import Outcome, SnapshotStore
@@ -87,9 +87,33 @@ class Ledger:
         )
         self.snapshots = SnapshotStore(home / "snapshots")
         self.running_path = home / "running.json"
+        self._history: dict[str, list[Attempt]] = {}
+        self._settled: dict[str, tuple[Status, Attempt | None]] = {}
+        self._derived_version: tuple[int | None, int, int] | None = None
+
+    def stores_version(self) -> tuple[int | None, int, int] | None:
+        """What history() reads, in a few bytes: the pointer and the outcome records' directory.
+
+        None while that directory changed too recently to key a cache (see files.directory_version).
+        """
+        pointer = self.snapshots.pointer()
+        outcomes = directory_version(self.snapshots.outcomes_dir)
+        return None if outcomes is None else (pointer["current"], pointer["latest"], outcomes)
 
     def history(self) -> dict[str, list[Attempt]]:
-        """Every set's attempts, oldest first: from the versions that list it and the outcome records."""
+        """Every set's attempts, oldest first: from the versions that list it and the outcome records.
+
+        Derived from the stores on every change of stores_version(), and kept until the next:
+        a lookup then costs the same at 10 versions and at 10,000.
+        """
+        version = self.stores_version()
+        if version is not None and version == self._derived_version:
+            return self._history
+        attempts = self._read_history()
+        self._history, self._settled, self._derived_version = attempts, self._settle_all(attempts), version
+        return attempts
+
+    def _read_history(self) -> dict[str, list[Attempt]]:
         attempts: dict[str, list[Attempt]] = {}
         for outcome in self.snapshots.outcomes():
             for update_id in outcome.update_ids:
@@ -107,10 +131,14 @@ class Ledger:
         """The current version and its ancestors: whose sets are in the replay memory."""
         return {meta.version for meta in self.snapshots.lineage(self.snapshots.current())}
 
-    def settled(self, history: dict[str, list[Attempt]] | None = None) -> dict[str, tuple[Status, Attempt | None]]:
+    def settled(self) -> dict[str, tuple[Status, Attempt | None]]:
         """The status of every set that has attempts (a set without any is queued or running)."""
+        self.history()
+        return self._settled
+
+    def _settle_all(self, history: dict[str, list[Attempt]]) -> dict[str, tuple[Status, Attempt | None]]:
         lineage = self.current_lineage()
-        return {update_id: settle(attempts, lineage) for update_id, attempts in (history or self.history()).items()}
+        return {update_id: settle(attempts, lineage) for update_id, attempts in history.items()}
 
     def pending(self) -> list[UpdateSet]:
         """Stored update sets waiting for a step (never tried, or queued again), oldest first."""
@@ -136,7 +164,7 @@ class Ledger:
         except CorruptUpdate as exc:
             return UpdateStatus(update_id, "quarantined", 0, error=str(exc))
         attempts = self.history().get(update_id, [])
-        status, attempt = settle(attempts, self.current_lineage())
+        status, attempt = self.settled().get(update_id, ("queued", None))
         if status == "queued":
             return UpdateStatus(update_id, "running" if update_id in self.running() else "queued", len(update), attempts=attempts)
         assert attempt is not None
@@ -188,7 +216,7 @@ class Ledger:
         applied = {label for update in self.readable(self.snapshots.meta(version).update_ids) for label in update.labels}
         requeued = []
         history = self.history()
-        settled = self.settled(history)
+        settled = self.settled()
         for update_id, attempts in history.items():
             if settled[update_id][0] != "rejected":
                 continue

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.errors import CorruptUpdate, IdempotencyConflict, InvalidLabel, InvalidUpdate, UnknownUpdate
-from app.files import create_exclusive
+from app.files import create_exclusive, directory_version
 from app.images import check_pixel_budget, decode_image
 
 UPDATE_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -122,6 +122,8 @@ class SampleStore:
         self.max_label_length = max_label_length
         self.holdout_fraction = holdout_fraction
         self._cache: dict[str, UpdateSet] = {}
+        self._ids: list[str] = []
+        self._ids_version: int | None = None
         root.mkdir(parents=True, exist_ok=True)
 
     def path(self, update_id: str) -> Path:
@@ -243,4 +245,8 @@ class SampleStore:
 
     def ids(self) -> list[str]:
         """Ids of every stored update set (temporary files of unfinished writes are not sets)."""
-        return [p.stem for p in self.root.glob("*.zip") if UPDATE_ID.match(p.stem)]
+        version = directory_version(self.root)
+        if version is None or version != self._ids_version:  # listing 10,000 sets costs milliseconds: once per change
+            self._ids = [p.stem for p in self.root.glob("*.zip") if UPDATE_ID.match(p.stem)]
+            self._ids_version = version
+        return list(self._ids)

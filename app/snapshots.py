@@ -30,7 +30,7 @@ from pydantic import BaseModel, Field
 from safetensors.torch import load, save_file
 
 from app.errors import LineageMoved, UnknownVersion, VersionPruned
-from app.files import atomic_write_json, fsync_dir, read_json
+from app.files import atomic_write_json, directory_version, fsync_dir, read_json
 
 WEIGHTS = "model.safetensors"
 META = "meta.json"
@@ -72,7 +72,11 @@ class SnapshotStore:
         self.outcomes_dir = root / "outcomes"
         self.outcomes_dir.mkdir(parents=True, exist_ok=True)
         self._metas: dict[int, SnapshotMeta] = {}
+        self._published: list[int] = []
+        self._checked_up_to = 0
         self._outcomes: dict[str, Outcome] = {}
+        self._sorted_outcomes: list[Outcome] = []
+        self._outcomes_version: int | None = None
 
     # The pointer -----------------------------------------------------------------------------
 
@@ -101,7 +105,12 @@ class SnapshotStore:
     def versions(self) -> list[int]:
         """Published versions, oldest first."""
         latest = self.latest()
-        return [v for v in range(1, latest + 1) if (self.root / str(v) / META).exists()]
+        # A published version's directory is never removed (retention deletes weights only): look at new numbers only.
+        for v in range(self._checked_up_to + 1, latest + 1):
+            if (self.root / str(v) / META).exists():
+                self._published.append(v)
+        self._checked_up_to = max(self._checked_up_to, latest)
+        return [v for v in self._published if v <= latest]
 
     # Versions --------------------------------------------------------------------------------
 
@@ -218,7 +227,12 @@ class SnapshotStore:
         atomic_write_json(self.outcomes_dir / f"{outcome.outcome_id}.json", outcome.model_dump(mode="json"))
 
     def outcomes(self) -> list[Outcome]:
-        for path in self.outcomes_dir.glob("*.json"):
-            if path.stem not in self._outcomes:
-                self._outcomes[path.stem] = Outcome.model_validate(read_json(path))
-        return sorted(self._outcomes.values(), key=lambda o: o.created_at)
+        """Every outcome record, oldest first (records are never changed or removed: new ones are read once)."""
+        version = directory_version(self.outcomes_dir)
+        if version is None or version != self._outcomes_version:
+            for path in self.outcomes_dir.glob("*.json"):
+                if path.stem not in self._outcomes:
+                    self._outcomes[path.stem] = Outcome.model_validate(read_json(path))
+            self._sorted_outcomes = sorted(self._outcomes.values(), key=lambda o: o.created_at)
+            self._outcomes_version = version
+        return list(self._sorted_outcomes)

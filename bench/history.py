@@ -1,0 +1,131 @@
+"""The cost of a long life: GET /updates/{id} and a /metrics scrape against the size of the history.
+
+For each size it builds a WARMTUNE_HOME of V versions and S update sets (one 8x8 PNG each, all
+applied, S/V per version; the versions' weights are tiny except the current one, a real
+ResNet-18 at 32 px so that the server serves), starts `warmtune serve` on it and times N
+requests of each kind: the server's CPU per request (from /proc, so the client costs nothing)
+and the wall-clock latency seen by a client on the same machine.
+
+    python -m bench.history --sizes 10:100 100:1000 1000:10000
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+from PIL import Image
+
+from app.ledger import Ledger
+from app.model import build_model
+from app.settings import Settings
+from app.snapshots import SnapshotMeta
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def tiny_png(i: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (i % 256, (i // 256) % 256, 0)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def build_history(home: Path, versions: int, sets: int) -> list[str]:
+    """A home with this many versions and applied sets; returns the set ids."""
+    settings = Settings(home=home, arch="resnet18", image_size=32)
+    ledger = Ledger(settings)
+    ids = [ledger.samples.add([tiny_png(i)], ["a" if i % 2 else "b"])[0].update_id for i in range(sets)]
+    per_version = max(sets // versions, 1)
+    tiny = {"w": torch.zeros(1)}
+    for v in range(versions):
+        chunk = ids[v * per_version : (v + 1) * per_version] if v < versions - 1 else ids[v * per_version :]
+        state = build_model("resnet18", 2).state_dict() if v == versions - 1 else tiny
+        meta = SnapshotMeta(
+            version=0, parent=v or None, classes=["a", "b"], arch="resnet18", image_size=32, base_weights="none",
+            update_ids=chunk, metrics={"holdout_after": {"all": 1.0}},
+        )
+        ledger.snapshots.publish(state, meta)
+    return ids
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def time_requests(client: httpx.Client, pid: int, paths: list[str]) -> dict[str, float]:
+    """Server CPU ms per request and client latency p50/p95 ms over these requests."""
+    for path in paths[:5]:  # warm caches, as a server that has been running would have
+        client.get(path).raise_for_status()
+    latencies = []
+    cpu = cpu_seconds(pid)
+    for path in paths:
+        start = time.perf_counter()
+        client.get(path).raise_for_status()
+        latencies.append(time.perf_counter() - start)
+    cpu = cpu_seconds(pid) - cpu
+    q = statistics.quantiles(latencies, n=20)
+    return {"server_cpu_ms": 1000 * cpu / len(paths), "p50_ms": 1000 * statistics.median(latencies), "p95_ms": 1000 * q[18]}
+
+
+def measure(versions: int, sets: int, requests: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp) / "home"
+        clock = time.perf_counter()
+        ids = build_history(home, versions, sets)
+        built = time.perf_counter() - clock
+        port = 20000 + os.getpid() % 10000
+        env = {
+            **os.environ, "WARMTUNE_HOME": str(home), "WARMTUNE_ARCH": "resnet18", "WARMTUNE_IMAGE_SIZE": "32",
+            "WARMTUNE_DEVICE": "cpu", "WARMTUNE_POLL_INTERVAL_S": "3600",  # the poll loop's own scans stay out of the figures
+        }
+        log = open(Path(tmp) / "server.log", "wb")
+        server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    if httpx.get(url + "/readyz", timeout=2).json().get("model_version") == versions:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError(f"server did not serve version {versions}: {(Path(tmp) / 'server.log').read_text()[-2000:]}")
+                time.sleep(0.2)
+            with httpx.Client(base_url=url, timeout=30) as client:
+                step = max(len(ids) // requests, 1)
+                lookups = time_requests(client, server.pid, [f"/updates/{u}" for u in ids[::step][:requests]])
+                scrapes = time_requests(client, server.pid, ["/metrics"] * requests)
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    row = {"versions": versions, "sets": sets, "build_s": built, "get_update": lookups, "metrics": scrapes}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", default=["10:100", "100:1000", "1000:10000"], help="VERSIONS:SETS")
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--out", type=Path, default=RESULTS / "history-lookups.json")
+    args = parser.parse_args(argv)
+    rows = [measure(*map(int, size.split(":")), args.requests) for size in args.sizes]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"rows": rows, "cpu_count": os.cpu_count()}, indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

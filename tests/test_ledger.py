@@ -1,0 +1,38 @@
+"""Derived status stays derived: cached between changes of the stores, never stale after one."""
+
+import os
+import time
+
+import torch
+from imagegen import make_set
+
+from app.ledger import Ledger
+from app.snapshots import Outcome, SnapshotMeta
+
+
+def age(*directories) -> None:
+    """Date the directories back, as if nothing had changed for a while: their listing may be cached."""
+    past = time.time() - 60
+    for d in directories:
+        os.utime(d, (past, past))
+
+
+def test_status_follows_each_change_made_by_another_process_while_lookups_are_cached(settings):
+    api, worker = Ledger(settings), Ledger(settings)  # two processes' views of one home
+    [first, second] = [api.samples.add(*make_set({"red": 2}, seed=s))[0].update_id for s in (1, 2)]
+    age(api.samples.root, api.snapshots.outcomes_dir)
+    assert [api.status(u).status for u in (first, second)] == ["queued", "queued"]
+    assert api.stores_version() is not None and api.counts()["queued"] == 2  # from the cache now
+
+    worker.snapshots.record_outcome(Outcome(outcome_id="o1", status="rejected", parent=None, update_ids=[first], reason="bad"))
+    assert api.status(first).status == "rejected"
+    age(api.snapshots.outcomes_dir)
+    assert api.status(first).status == "rejected" and api.counts()["rejected"] == 1
+
+    meta = SnapshotMeta(version=0, parent=None, classes=["red"], arch="resnet18", image_size=32, base_weights="none", update_ids=[second])
+    worker.snapshots.publish({"w": torch.zeros(1)}, meta)  # the pointer moves: the outcome directory does not
+    assert api.status(second).status == "applied" and api.counts()["applied"] == 1
+
+    third = worker.samples.add(*make_set({"red": 2}, seed=3))[0].update_id
+    age(api.samples.root)
+    assert third in api.samples.ids() and api.counts()["queued"] == 1
