@@ -76,6 +76,7 @@ class Ledger:
     """The sample store and the snapshot store of one WARMTUNE_HOME, and what follows from them."""
 
     def __init__(self, settings: Settings) -> None:
+        self.settings = settings
         home = settings.home
         self.samples = SampleStore(
             home / "samples",

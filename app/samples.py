@@ -35,10 +35,20 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Sample:
+    """One labelled image: its bytes in memory, or where to read them when first needed."""
+
     update_id: str
     index: int
     label: str
-    data: bytes
+    data: bytes | None = None
+    archive: Path | None = None  # the update set's zip, when data is None
+
+    def read(self) -> bytes:
+        if self.data is not None:
+            return self.data
+        assert self.archive is not None
+        with zipfile.ZipFile(self.archive) as archive:
+            return archive.read(f"{self.index:06d}")
 
 
 @dataclass(frozen=True)
@@ -55,10 +65,13 @@ class UpdateSet:
         return len(self.labels)
 
     def samples(self, holdout: bool) -> list[Sample]:
-        """The training samples (holdout=False) or the holdout samples (holdout=True)."""
+        """The training samples (holdout=False) or the holdout samples (holdout=True).
+
+        Their bytes are read when first used: a replay step reads the samples it draws, not the
+        whole memory.
+        """
         wanted = [i for i in range(len(self.labels)) if (i in self.holdout) == holdout]
-        with zipfile.ZipFile(self.path) as archive:
-            return [Sample(self.update_id, i, self.labels[i], archive.read(f"{i:06d}")) for i in wanted]
+        return [Sample(self.update_id, i, self.labels[i], archive=self.path) for i in wanted]
 
 
 def clean_label(label: str, max_length: int, name: str) -> str:

@@ -59,10 +59,18 @@ class Settings(BaseSettings):
     gate_max_old_drop: float = Field(
         0.05, ge=0, description="Largest drop of holdout accuracy on old data a candidate may show (0.05 = 5 points)."
     )
-    gate_significance_z: float = Field(
-        1.645,
+    gate_drop_alpha: float = Field(
+        0.05,
         ge=0,
-        description="The old-data drop must also be significant on the paired holdout (one-sided z; 0: margin only).",
+        lt=1,
+        description="The old-data drop must also be significant: an exact one-sided sign test on the holdout samples "
+        "lost and won, at this level (0: margin only).",
+    )
+    gate_holdout_per_class: int = Field(
+        50,
+        ge=1,
+        description="The gate reads at most this many old holdout samples per class (a fixed stratified draw per "
+        "step), so a step's cost does not grow with all data ever accepted.",
     )
     gate_label_alpha: float = Field(
         0.01,

@@ -1,4 +1,8 @@
-"""The cost of a long life: GET /updates/{id} and a /metrics scrape against the size of the history.
+"""The cost of a long life: update steps, GET /updates/{id} and a /metrics scrape against the size of the history.
+
+With --steps N it runs N real update steps of 10 Fashion-MNIST images each (ResNet-18, 32 px,
+the CPU, default settings otherwise) after a first version of 10 classes, and records each
+step's time (and its load, train and evaluate parts), the process's RSS and the disk used.
 
 For each size it builds a WARMTUNE_HOME of V versions and S update sets (one 8x8 PNG each, all
 applied, S/V per version; the versions' weights are tiny except the current one, a real
@@ -7,6 +11,7 @@ requests of each kind: the server's CPU per request (from /proc, so the client c
 and the wall-clock latency seen by a client on the same machine.
 
     python -m bench.history --sizes 10:100 100:1000 1000:10000
+    python -m bench.history --steps 300
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import argparse
 import io
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -115,12 +121,58 @@ def measure(versions: int, sets: int, requests: int) -> dict:
     return row
 
 
+def disk_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_steps(steps: int, set_size: int, out: Path) -> list[dict]:
+    """N update steps of set_size images; one row per step."""
+    from app.datasets import fashion_mnist
+    from worker.jobs import apply_pending_updates
+
+    data = fashion_mnist("train")
+    rng = random.Random(0)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = Settings(home=Path(tmp) / "home", arch="resnet18", image_size=32, device="cpu", seed=0)
+        ledger = Ledger(settings)
+        ledger.samples.add([i for c in data.classes for i in data.take(c, 20, rng)], [c for c in data.classes for _ in range(20)])
+        apply_pending_updates(settings)  # version 1: every class, so later steps add no class
+        for step in range(1, steps + 1):
+            labels = [rng.choice(data.classes) for _ in range(set_size)]
+            ledger.samples.add([data.take(c, 1, rng)[0] for c in labels], labels)
+            clock = time.perf_counter()
+            [result] = apply_pending_updates(settings)
+            seconds = time.perf_counter() - clock
+            m = result.metrics
+            rows.append({
+                "step": step, "status": result.status, "seconds": seconds, "load_s": m.get("load_seconds"),
+                "train_s": m.get("train_seconds"), "evaluate_s": m.get("evaluate_seconds"), "rss_mb": rss_mb(),
+                "disk_mb": disk_bytes(settings.home) / 1e6, "samples_old": m.get("samples_old"),
+            })
+            if step % 10 == 0:
+                print(json.dumps(rows[-1]), flush=True)
+                out.write_text(json.dumps({"set_size": set_size, "rows": rows}, indent=1))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=["10:100", "100:1000", "1000:10000"], help="VERSIONS:SETS")
     parser.add_argument("--requests", type=int, default=200)
-    parser.add_argument("--out", type=Path, default=RESULTS / "history-lookups.json")
+    parser.add_argument("--steps", type=int, default=0, help="run this many update steps instead of the lookups")
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.steps:
+        return run_steps(args.steps, 10, args.out or RESULTS / "history-steps.json")
+    args.out = args.out or RESULTS / "history-lookups.json"
     rows = [measure(*map(int, size.split(":")), args.requests) for size in args.sizes]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"rows": rows, "cpu_count": os.cpu_count()}, indent=2))

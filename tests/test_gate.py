@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from worker.gate import Outcomes, beta_binomial_cdf, check_labels, check_old_knowledge, check_training
+from worker.gate import Outcomes, beta_binomial_cdf, check_labels, check_old_knowledge, check_training, sign_test_p
 
 
 def outcomes(*groups: tuple[str, str, int]) -> Outcomes:
@@ -98,12 +98,12 @@ def test_confusion_with_a_new_class_does_not_count_as_forgetting():
     among_old = Outcomes.of(logits, true, classes[:3])
     assert everything.accuracy() == pytest.approx(24 / 30)
     assert among_old.accuracy() == 1.0
-    assert check_old_knowledge(BEFORE, among_old, max_drop=0.05, significance_z=1.645).passed
+    assert check_old_knowledge(BEFORE, among_old, max_drop=0.05, alpha=0.05).passed
 
 
 def test_an_old_class_confused_with_another_old_class_is_refused_with_the_numbers():
     after = outcomes(("Shirt", "Trouser", 8), ("Shirt", "Shirt", 2), ("Trouser", "Trouser", 10), ("Coat", "Coat", 10))
-    verdict = check_old_knowledge(BEFORE, after, max_drop=0.05, significance_z=1.645)
+    verdict = check_old_knowledge(BEFORE, after, max_drop=0.05, alpha=0.05)
     assert not verdict.passed
     assert "1.000 -> 0.733" in verdict.reason and "Shirt 1.00 -> 0.20" in verdict.reason
 
@@ -111,13 +111,24 @@ def test_an_old_class_confused_with_another_old_class_is_refused_with_the_number
 def test_a_drop_within_the_noise_of_a_small_holdout_passes():
     before = Outcomes(tuple("a" * 33), tuple("a" * 30 + "bbb"))
     after = Outcomes(tuple("a" * 33), tuple("bbb" + "a" * 28 + "bb"))  # 3 lost, 1 won: 6 points
-    verdict = check_old_knowledge(before, after, 0.05, significance_z=1.645)
+    verdict = check_old_knowledge(before, after, 0.05, alpha=0.05)
     assert verdict.passed and "3 lost, 1 won of 33" in verdict.reason
-    assert not check_old_knowledge(before, after, 0.05, significance_z=0).passed  # the margin alone refuses it
+    assert not check_old_knowledge(before, after, 0.05, alpha=0).passed  # the margin alone refuses it
+
+
+def test_three_lost_and_none_won_is_noise_by_the_exact_sign_test():
+    # A clean set of 10 Fashion-MNIST images was refused so: 3 of 38 old holdout samples lost, none
+    # won. The normal approximation gives z = 1.73 > 1.645; the exact one-sided p is 1/8.
+    before = Outcomes(tuple("a" * 38), tuple("a" * 26 + "b" * 12))
+    after = Outcomes(tuple("a" * 38), tuple("bbb" + "a" * 23 + "b" * 12))
+    assert sign_test_p(3, 0) == 0.125 and sign_test_p(8, 0) == 1 / 256 and sign_test_p(0, 0) == 1.0
+    verdict = check_old_knowledge(before, after, 0.05, alpha=0.05)
+    assert verdict.passed and "p = 0.125" in verdict.reason
+    assert not check_old_knowledge(before, after, 0.05, alpha=0.2).passed
 
 
 def test_no_old_holdout_means_nothing_to_compare():
-    assert check_old_knowledge(Outcomes((), ()), Outcomes((), ()), 0.05, 1.645).passed
+    assert check_old_knowledge(Outcomes((), ()), Outcomes((), ()), 0.05, 0.05).passed
 
 
 def test_a_diverged_candidate_is_refused():

@@ -21,7 +21,7 @@ def test_an_update_set_round_trips_with_its_bytes(tmp_path):
     again = store(tmp_path).get(update.update_id)  # a fresh store reads it from disk
     assert again.labels == tuple(labels)
     samples = again.samples(holdout=False) + again.samples(holdout=True)
-    assert sorted(s.data for s in samples) == sorted(images)
+    assert sorted(s.read() for s in samples) == sorted(images)
     assert {s.label for s in samples} == {"red", "green"}
 
 

@@ -100,7 +100,7 @@ class SampleTensors:
     def pixels(self, i: int) -> torch.Tensor:
         if i not in self._pixels:
             # Stored sets were checked on arrival; the limit guards the request path, not this one.
-            self._pixels[i] = image_to_pixels(self.samples[i].data, self.image_size, max_pixels=2**62, name=f"sample {i}")
+            self._pixels[i] = image_to_pixels(self.samples[i].read(), self.image_size, max_pixels=2**62, name=f"sample {i}")
         return self._pixels[i]
 
     def batch(self, indices: Iterable[int]) -> tuple[torch.Tensor, torch.Tensor]:
