@@ -149,11 +149,11 @@ def run_steps(steps: int, set_size: int, out: Path) -> list[dict]:
             labels = [rng.choice(data.classes) for _ in range(set_size)]
             ledger.samples.add([data.take(c, 1, rng)[0] for c in labels], labels)
             clock = time.perf_counter()
-            [result] = apply_pending_updates(settings)
+            results = apply_pending_updates(settings)  # a reconsidered rejected set may add a step
             seconds = time.perf_counter() - clock
-            m = result.metrics
+            m = results[-1].metrics
             rows.append({
-                "step": step, "status": result.status, "seconds": seconds, "load_s": m.get("load_seconds"),
+                "step": step, "status": ",".join(r.status for r in results), "seconds": seconds, "load_s": m.get("load_seconds"),
                 "train_s": m.get("train_seconds"), "evaluate_s": m.get("evaluate_seconds"), "rss_mb": rss_mb(),
                 "disk_mb": disk_bytes(settings.home) / 1e6, "samples_old": m.get("samples_old"),
             })
@@ -161,6 +161,27 @@ def run_steps(steps: int, set_size: int, out: Path) -> list[dict]:
                 print(json.dumps(rows[-1]), flush=True)
                 out.write_text(json.dumps({"set_size": set_size, "rows": rows}, indent=1))
     return rows
+
+
+def plot_steps(rows: list[dict], path: Path) -> None:
+    """Step time and its parts, RSS and disk against the step number."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, name in (("seconds", "whole step"), ("train_s", "training"), ("evaluate_s", "gate evaluation"), ("load_s", "loading")):
+        left.plot(steps, [r[key] for r in rows], label=name, linewidth=0.8)
+    left.set(xlabel="update step (10 images each)", ylabel="seconds", title="Step time (ResNet-18, 32 px, CPU)")
+    left.legend()
+    right.plot(steps, [r["rss_mb"] for r in rows], label="RSS (MB)")
+    right.plot(steps, [r["disk_mb"] for r in rows], label="disk (MB)")
+    right.set(xlabel="update step", title="Memory and disk (retention: 10 versions)")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -171,7 +192,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.steps:
-        return run_steps(args.steps, 10, args.out or RESULTS / "history-steps.json")
+        out = args.out or RESULTS / "history-steps.json"
+        rows = run_steps(args.steps, 10, out)
+        plot_steps(rows, out.with_suffix(".png"))
+        return rows
     args.out = args.out or RESULTS / "history-lookups.json"
     rows = [measure(*map(int, size.split(":")), args.requests) for size in args.sizes]
     args.out.parent.mkdir(parents=True, exist_ok=True)
