@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
+from functools import partial
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,15 +25,20 @@ from app.settings import Settings, get_settings
 log = logging.getLogger(__name__)
 
 
-def make_queue(settings: Settings, job: UpdateJob, server: ModelServer, loop: asyncio.AbstractEventLoop) -> UpdateQueue:
-    """Embedded worker thread without Redis; RQ with it. Either way a new version triggers a refresh."""
+def make_queue(
+    settings: Settings, job: UpdateJob, ledger: Ledger, server: ModelServer, loop: asyncio.AbstractEventLoop
+) -> UpdateQueue:
+    """Embedded worker thread without Redis; RQ with it. Either way a new version triggers a refresh.
+
+    The embedded job shares this process's ledger, so what it read from the stores stays read.
+    """
 
     def refresh_soon() -> None:
         asyncio.run_coroutine_threadsafe(server.refresh(), loop)
 
     if settings.redis_url:
         return RedisQueue(settings, on_announce=refresh_soon)
-    return EmbeddedQueue(settings, job, on_step=refresh_soon)
+    return EmbeddedQueue(settings, partial(job, ledger=ledger), on_step=refresh_soon)
 
 
 async def poll(server: ModelServer, queue: UpdateQueue, ledger: Ledger, interval_s: float) -> None:
@@ -51,7 +57,7 @@ async def poll(server: ModelServer, queue: UpdateQueue, ledger: Ledger, interval
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state = app.state
     state.server = ModelServer(state.settings, state.ledger, state.metrics)
-    state.queue = make_queue(state.settings, state.update_job, state.server, asyncio.get_running_loop())
+    state.queue = make_queue(state.settings, state.update_job, state.ledger, state.server, asyncio.get_running_loop())
     await state.server.refresh()  # a restarted replica serves at once
     tasks = [
         asyncio.create_task(state.server.run_batches(), name="batcher"),

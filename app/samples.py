@@ -86,6 +86,15 @@ def clean_label(label: str, max_length: int, name: str) -> str:
     return text
 
 
+def file_key(path: Path) -> tuple[int, int] | None:
+    """A file's size and mtime, or None if it is not there."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_size, stat.st_mtime_ns
+
+
 def fingerprint(images: Sequence[bytes], labels: Sequence[str]) -> str:
     """A digest of the payload: every image and label, in order."""
     digest = hashlib.sha256()
@@ -134,7 +143,7 @@ class SampleStore:
         self._decode_slots = threading.BoundedSemaphore(decode_slots)
         self.max_label_length = max_label_length
         self.holdout_fraction = holdout_fraction
-        self._cache: dict[str, UpdateSet] = {}
+        self._cache: dict[str, tuple[UpdateSet, tuple[int, int] | None]] = {}
         self._ids: list[str] = []
         self._ids_version: int | None = None
         root.mkdir(parents=True, exist_ok=True)
@@ -215,10 +224,11 @@ class SampleStore:
         return buffer.getvalue()
 
     def get(self, update_id: str) -> UpdateSet:
-        if update_id in self._cache and self._cache[update_id].path.exists():  # not quarantined by another process
-            return self._cache[update_id]
         path = self.path(update_id)
-        if not UPDATE_ID.match(update_id) or not path.is_file():
+        file = file_key(path)  # a file quarantined, or damaged, by another process is read again
+        if update_id in self._cache and self._cache[update_id][1] == file:
+            return self._cache[update_id][0]
+        if not UPDATE_ID.match(update_id) or file is None:
             if UPDATE_ID.match(update_id) and self.quarantine_reason(update_id) is not None:
                 raise CorruptUpdate(f"update set {update_id} is quarantined: {self.quarantine_reason(update_id)}")
             raise UnknownUpdate(f"no update set with id {update_id!r}")
@@ -236,7 +246,7 @@ class SampleStore:
             )
         except (zipfile.BadZipFile, KeyError, TypeError, ValueError, OSError) as exc:
             raise self.quarantine(update_id, f"its file could not be read ({type(exc).__name__}: {exc})") from None
-        self._cache[update_id] = update
+        self._cache[update_id] = update, file
         return update
 
     def quarantine(self, update_id: str, reason: str) -> CorruptUpdate:

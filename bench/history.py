@@ -149,7 +149,7 @@ def run_steps(steps: int, set_size: int, out: Path) -> list[dict]:
             labels = [rng.choice(data.classes) for _ in range(set_size)]
             ledger.samples.add([data.take(c, 1, rng)[0] for c in labels], labels)
             clock = time.perf_counter()
-            results = apply_pending_updates(settings)  # a reconsidered rejected set may add a step
+            results = apply_pending_updates(settings, ledger=ledger)  # as the service runs it; a reconsidered set may add a step
             seconds = time.perf_counter() - clock
             m = results[-1].metrics
             rows.append({

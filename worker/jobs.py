@@ -11,7 +11,6 @@ import traceback
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -47,28 +46,20 @@ class StepResult:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-_ledgers: dict[Path, Ledger] = {}
-
-
-def ledger_for(settings: Settings) -> Ledger:
-    """One Ledger per home in a process, kept from job to job: set manifests and version metas are
-    read once, not once per job (10,000 sets would cost a second of zip reads per step)."""
-    ledger = _ledgers.get(settings.home)
-    if ledger is None or ledger.settings != settings:
-        ledger = _ledgers[settings.home] = Ledger(settings)
-    return ledger
-
-
 def apply_pending_updates(
-    settings: Settings | None = None, on_step: Callable[[StepResult], None] | None = None
+    settings: Settings | None = None,
+    on_step: Callable[[StepResult], None] | None = None,
+    ledger: Ledger | None = None,
 ) -> list[StepResult]:
     """Apply every pending update set under the lineage lock, coalescing what is pending into each step.
 
     After each new version, rejected sets that share a class with it are queued again (a bounded
     number of times). on_step is called after each step (to announce a new version, in the service).
+    A long-lived caller passes its ledger: set manifests and version metas are then read once per
+    process, not once per job (10,000 sets cost about a second of zip reads).
     """
     settings = settings or get_settings()
-    ledger = ledger_for(settings)
+    ledger = ledger or Ledger(settings)
     running: list[str] = []
     results: list[StepResult] = []
 

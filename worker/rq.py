@@ -19,6 +19,17 @@ from worker.jobs import StepResult, apply_pending_updates
 log = logging.getLogger(__name__)
 
 
+_ledgers: dict[str, Ledger] = {}
+
+
+def worker_ledger(settings: Settings) -> Ledger:
+    """This worker process's ledger, kept from job to job (a worker serves one home for its life)."""
+    key = settings.model_dump_json()
+    if key not in _ledgers:
+        _ledgers[key] = Ledger(settings)
+    return _ledgers[key]
+
+
 def run_update_job() -> list[dict[str, Any]]:
     """The RQ job: apply everything pending, announcing each new version to the API replicas."""
     settings = get_settings()
@@ -29,7 +40,7 @@ def run_update_job() -> list[dict[str, Any]]:
         if result.version is not None:
             announce_swap(connection, settings, result.version)
 
-    results = apply_pending_updates(settings, on_step=announce)
+    results = apply_pending_updates(settings, on_step=announce, ledger=worker_ledger(settings))
     return [{"status": r.status, "update_ids": r.update_ids, "version": r.version, "reason": r.reason} for r in results]
 
 
