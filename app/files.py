@@ -75,3 +75,12 @@ def directory_version(path: Path) -> int | None:
     """A directory's mtime in ns, to key a cache of its listing; None while it is too fresh to trust."""
     changed = path.stat().st_mtime_ns
     return None if time.time_ns() - changed < RACY_NS else changed
+
+
+def file_key(path: Path) -> tuple[int, int] | None:
+    """A file's size and mtime, or None if it is not there."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_size, stat.st_mtime_ns

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.errors import CorruptUpdate, IdempotencyConflict, InvalidLabel, InvalidUpdate, UnknownUpdate
-from app.files import create_exclusive, directory_version
+from app.files import create_exclusive, directory_version, file_key
 from app.images import check_pixel_budget, decode_image
 
 UPDATE_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -84,15 +84,6 @@ def clean_label(label: str, max_length: int, name: str) -> str:
     if not text.isprintable():
         raise InvalidLabel(f"{name}: label {text[:40]!r} has non-printable characters")
     return text
-
-
-def file_key(path: Path) -> tuple[int, int] | None:
-    """A file's size and mtime, or None if it is not there."""
-    try:
-        stat = path.stat()
-    except FileNotFoundError:
-        return None
-    return stat.st_size, stat.st_mtime_ns
 
 
 def fingerprint(images: Sequence[bytes], labels: Sequence[str]) -> str:
