@@ -208,13 +208,7 @@ def apply_step(settings: Settings, ledger: Ledger, pending: list[UpdateSet], loc
     old_classes = parent.classes if parent else []
     image_size = parent.image_size if parent else settings.image_size
     old_index = {c: i for i, c in enumerate(old_classes)}
-    old_sets = ledger.replay_sets(parent.version if parent else None)
-    old_train = SampleTensors([s for u in old_sets for s in u.samples(holdout=False)], old_index, image_size)
-    old_holdout = SampleTensors(
-        bounded_holdout([s for u in old_sets for s in u.samples(holdout=True)], settings.gate_holdout_per_class, random.Random(seed)),
-        old_index,
-        image_size,
-    )
+    old_train, old_holdout = replay_memory(ledger, parent, old_index, image_size, settings.gate_holdout_per_class, seed)
     incoming = list(dict.fromkeys(label for u in pending for label in u.labels if label not in old_index))
     sets = set_tensors(pending, old_classes + incoming, image_size)
     load_seconds = time.perf_counter() - clock
@@ -283,7 +277,31 @@ def apply_step(settings: Settings, ledger: Ledger, pending: list[UpdateSet], loc
     if not verdict.passed:
         log.warning("rejected update set(s) %s: %s", [u.update_id for u in accepted], verdict.reason)
         return results + [record_outcome(ledger, accepted, "rejected", verdict.reason, metrics)]
+    return results + [publish(settings, ledger, model, parent, classes, image_size, base_weights, accepted, metrics)]
 
+
+def replay_memory(
+    ledger: Ledger, parent: SnapshotMeta | None, index: dict[str, int], image_size: int, holdout_per_class: int, seed: int
+) -> tuple[SampleTensors, SampleTensors]:
+    """D_{t-1}: the training samples of the parent's lineage, and the bounded draw of its holdout the gate reads."""
+    old_sets = ledger.replay_sets(parent.version if parent else None)
+    train = [s for u in old_sets for s in u.samples(holdout=False)]
+    holdout = bounded_holdout([s for u in old_sets for s in u.samples(holdout=True)], holdout_per_class, random.Random(seed))
+    return SampleTensors(train, index, image_size), SampleTensors(holdout, index, image_size)
+
+
+def publish(
+    settings: Settings,
+    ledger: Ledger,
+    model: nn.Module,
+    parent: SnapshotMeta | None,
+    classes: list[str],
+    image_size: int,
+    base_weights: str,
+    accepted: list[UpdateSet],
+    metrics: dict[str, Any],
+) -> StepResult:
+    """Write the candidate as the new current version, then let retention prune what is no longer kept."""
     clock = time.perf_counter()
     meta = SnapshotMeta(
         version=0,  # assigned by publish
@@ -301,9 +319,9 @@ def apply_step(settings: Settings, ledger: Ledger, pending: list[UpdateSet], loc
         log.info("retention pruned the weights of version(s) %s (their metadata stays)", pruned)
     log.info(
         "published version %d (%d classes): holdout %s; %d iterations in %.1fs; written in %.2fs",
-        version, len(classes), metrics["holdout_after"], stats.iterations, stats.seconds, metrics["publish_seconds"],
+        version, len(classes), metrics["holdout_after"], metrics["iterations"], metrics["train_seconds"], metrics["publish_seconds"],
     )
-    return results + [StepResult("applied", meta.update_ids, version=version, metrics=metrics)]
+    return StepResult("applied", meta.update_ids, version=version, metrics=metrics)
 
 
 def train_candidate(
