@@ -80,7 +80,7 @@ def upload(images: list[bytes], labels: list[str] | None = None) -> dict:
     return {"files": files, "data": {"labels": labels} if labels is not None else {}}
 
 
-def wait_for_update(client: httpx.Client, update_id: str, timeout: float = 120) -> dict:
+def wait_for_update(client: httpx.Client, update_id: str, timeout: float = 300) -> dict:
     """Poll GET /updates/{id} until the update set is applied, rejected or failed."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
