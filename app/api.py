@@ -12,7 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 
-from app.auth import browser_request_refusal
+from app.auth import browser_request_refusal, roles_by_digest
 from app.errors import Forbidden, WarmtuneError
 from app.ledger import Ledger
 from app.metrics import Metrics
@@ -98,6 +98,7 @@ def create_app(update_job: UpdateJob, settings: Settings | None = None) -> FastA
         openapi_url=None,
     )
     app.state.settings = settings
+    app.state.roles_by_digest = roles_by_digest(settings.api_keys)
     app.state.update_job = update_job
     app.state.ledger = Ledger(settings)
     app.state.metrics = Metrics()

@@ -20,6 +20,11 @@ def key_digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+def roles_by_digest(keys: dict[str, list[Role]]) -> dict[str, list[Role]]:
+    """The configured keys' roles, by the digest of each key (built once, when the app is)."""
+    return {key_digest(key): roles for key, roles in keys.items()}
+
+
 def require(role: Role | None) -> Callable[[Request], Awaitable[str]]:
     """A FastAPI dependency that admits a request whose bearer key has the role (None: any valid key).
 
@@ -27,14 +32,14 @@ def require(role: Role | None) -> Callable[[Request], Awaitable[str]]:
     """
 
     async def check(request: Request) -> str:
-        keys = request.app.state.settings.api_keys
-        if not keys:
+        roles_by_digest = request.app.state.roles_by_digest
+        if not roles_by_digest:
             return ""
         scheme, _, key = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not key:
             raise Unauthorized("missing bearer key: send 'Authorization: Bearer <key>'")
         caller = key_digest(key)
-        roles = {key_digest(k): r for k, r in keys.items()}.get(caller)
+        roles = roles_by_digest.get(caller)
         if roles is None:
             raise Unauthorized("unknown API key")
         if role is not None and role not in roles and "admin" not in roles:

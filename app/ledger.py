@@ -216,22 +216,16 @@ class Ledger:
         """
         applied = {label for update in self.readable(self.snapshots.meta(version).update_ids) for label in update.labels}
         requeued = []
-        history = self.history()
-        settled = self.settled()
-        for update_id, attempts in history.items():
-            if settled[update_id][0] != "rejected":
-                continue
-            automatic = sum(a.status == "requeued" and bool(a.metrics.get("automatic")) for a in attempts)
-            [update] = self.readable([update_id]) or [None]
-            if update is None:
-                continue
+        history, settled = self.history(), self.settled()
+        for update in self.readable([u for u in history if settled[u][0] == "rejected"]):
+            automatic = sum(a.status == "requeued" and bool(a.metrics.get("automatic")) for a in history[update.update_id])
             shared = sorted(applied & set(update.labels))
             if automatic < max_automatic and shared:
                 try:
-                    self.requeue(update_id, f"reconsidered: version {version} applied more images of {', '.join(shared)}", True)
+                    self.requeue(update.update_id, f"reconsidered: version {version} applied more images of {', '.join(shared)}", True)
                 except NotRetryable:  # retried on request meanwhile
                     continue
-                requeued.append(update_id)
+                requeued.append(update.update_id)
         return requeued
 
     # The running marker: transient, and it expires by itself if its job dies.

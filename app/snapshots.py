@@ -144,7 +144,10 @@ class SnapshotStore:
     def pin(self, version: int, pinned: bool = True) -> None:
         """Keep a version's weights whatever retention says (pinned=False lets retention prune it again)."""
         with self._pointer_lock():  # against prune
-            self.require_weights(version) if pinned else self.meta(version)
+            if pinned:
+                self.require_weights(version)
+            else:
+                self.meta(version)  # an unknown version is a 404; a pruned one may still be released
             marker = self.root / str(version) / PINNED
             if pinned:
                 marker.touch()

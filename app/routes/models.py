@@ -53,17 +53,19 @@ async def promote(request: Request, version: int) -> ModelsOut:
     return await run_in_threadpool(list_models, state.ledger.snapshots)
 
 
+async def set_pin(request: Request, version: int, pinned: bool) -> ModelsOut:
+    snapshots = request.app.state.ledger.snapshots
+    await run_in_threadpool(snapshots.pin, version, pinned)
+    return await run_in_threadpool(list_models, snapshots)
+
+
 @router.post("/models/{version}/pin", response_model=ModelsOut, dependencies=[Depends(require("admin"))])
 async def pin(request: Request, version: int) -> ModelsOut:
     """Keep this version's weights whatever retention says (409 if they are already pruned)."""
-    snapshots = request.app.state.ledger.snapshots
-    await run_in_threadpool(snapshots.pin, version, True)
-    return await run_in_threadpool(list_models, snapshots)
+    return await set_pin(request, version, True)
 
 
 @router.delete("/models/{version}/pin", response_model=ModelsOut, dependencies=[Depends(require("admin"))])
 async def unpin(request: Request, version: int) -> ModelsOut:
     """Let retention prune this version's weights again once it is old enough."""
-    snapshots = request.app.state.ledger.snapshots
-    await run_in_threadpool(snapshots.pin, version, False)
-    return await run_in_threadpool(list_models, snapshots)
+    return await set_pin(request, version, False)
