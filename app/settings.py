@@ -70,14 +70,21 @@ class Settings(BaseSettings):
         50,
         ge=1,
         description="The gate reads at most this many old holdout samples per class (a fixed stratified draw per "
-        "step), so a step's cost does not grow with all data ever accepted.",
+        "step), and the label check about as many recent answers per class from the lineage's record, so a step's "
+        "cost does not grow with all data ever accepted.",
     )
     gate_label_alpha: float = Field(
         0.01,
         ge=0,
         lt=1,
-        description="Refuse a set whose labels of known classes disagree with the current model at this significance "
-        "(given its holdout recall of each class); 0: no label check.",
+        description="Refuse a set whose labels of a known class agree with the current model less often than its "
+        "recall of the class explains, at this significance; 0: no agreement test.",
+    )
+    gate_relabel_factor: float = Field(
+        10.0,
+        ge=0,
+        description="Refuse a set labelled as a known class when the current model's answers for its images are this "
+        "many times likelier for images of another known class (a Bayes factor); 0: no relabel test.",
     )
     retry_auto_max: int = Field(
         2, ge=0, description="Times a rejected set is reconsidered by itself after more data of its classes is applied."

@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def write_report(report: dict, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"stream-{report['arch']}-{report['image_size']}-{report['device'].split(':')[0]}.json"
+    path = out / f"stream-{report['arch']}-{report['image_size']}-{report['device'].split(':')[0]}-seed{report['seed']}.json"
     path.write_text(json.dumps(report, indent=2))
     plot_per_class(report, path.with_suffix(".png"))
     return path

@@ -4,7 +4,15 @@ import math
 
 import pytest
 
-from worker.gate import Outcomes, beta_binomial_cdf, check_labels, check_old_knowledge, check_training, sign_test_p
+from worker.gate import (
+    Outcomes,
+    beta_binomial_cdf,
+    check_labels,
+    check_old_knowledge,
+    check_training,
+    relabel_evidence,
+    sign_test_p,
+)
 
 
 def outcomes(*groups: tuple[str, str, int]) -> Outcomes:
@@ -28,55 +36,81 @@ def test_beta_binomial_trusts_a_rate_as_far_as_its_samples_go():
 
 def test_a_clean_set_of_a_known_class_passes_the_label_check():
     clean = outcomes(("Trouser", "Trouser", 9), ("Trouser", "Coat", 1))
-    assert check_labels(KNOWN, clean, alpha=0.01).passed
+    assert check_labels(KNOWN, clean, alpha=0.01, factor=10).passed
 
 
 def test_a_known_class_labelled_as_another_known_class_is_refused_naming_both():
     slip = outcomes(("Trouser", "Shirt", 9), ("Trouser", "Trouser", 1))  # shirts labelled Trouser
-    verdict = check_labels(KNOWN, slip, alpha=0.01)
+    verdict = check_labels(KNOWN, slip, alpha=0.01, factor=10)
     assert not verdict.passed
-    assert "9 of 10 images labelled 'Trouser' look like 'Shirt'" in verdict.reason
-    assert "mistakes 'Trouser' for 'Shirt' on 0 of 10 holdout images" in verdict.reason
+    assert "it answers Shirt 9, Trouser 1 for 10 images labelled 'Trouser'" in verdict.reason
+    assert "times likelier for images of 'Shirt' than of 'Trouser'" in verdict.reason
 
 
-def test_the_reason_gives_a_small_p_value_for_a_clear_slip():
-    verdict = check_labels(KNOWN, outcomes(("Trouser", "Shirt", 10)), alpha=0.01)
-    assert float(verdict.reason.rsplit("p = ", 1)[1].split(" ")[0]) < 1e-4
+def test_the_reason_gives_a_large_factor_for_a_clear_slip():
+    verdict = check_labels(KNOWN, outcomes(("Trouser", "Shirt", 10)), alpha=0.01, factor=10)
+    assert float(verdict.reason.split(": ", 2)[2].split(" times")[0]) > 1000
 
 
-def test_a_look_alike_class_labelled_as_its_twin_is_refused_by_the_confusion_test():
-    # The version mixes Shirt and Coat up now and then (1 and 2 of 10), so agreement alone
-    # cannot tell; coats labelled Shirt all going to Coat can.
+def test_the_relabel_factor_is_one_when_two_classes_are_answered_alike():
+    twins = outcomes(("Shirt", "Shirt", 5), ("Shirt", "Coat", 5), ("Coat", "Shirt", 5), ("Coat", "Coat", 5))
+    other, log_factor = relabel_evidence(twins, "Shirt", ["Shirt"] * 5 + ["Coat"] * 5)
+    assert other == "Coat" and log_factor == pytest.approx(0.0)
+
+
+def test_a_look_alike_class_labelled_as_its_twin_is_refused_by_the_relabel_test():
+    # The version mixes Shirt and Coat up now and then (1 and 2 of 10); coats labelled Shirt
+    # answered as the version answers coats are still far likelier coats.
     slip = outcomes(("Shirt", "Coat", 9), ("Shirt", "Shirt", 1))
-    verdict = check_labels(KNOWN, slip, alpha=0.01)
-    assert not verdict.passed and "9 of 10 images labelled 'Shirt' look like 'Coat'" in verdict.reason
+    verdict = check_labels(KNOWN, slip, alpha=0.01, factor=10)
+    assert not verdict.passed and "likelier for images of 'Coat' than of 'Shirt'" in verdict.reason
+
+
+def test_a_clean_set_of_a_look_alike_class_passes():
+    # Shirts the version answers as it answers shirts, three of them as coats.
+    assert check_labels(KNOWN, outcomes(("Shirt", "Shirt", 7), ("Shirt", "Coat", 3)), alpha=0.01, factor=10).passed
+
+
+def test_a_long_record_tells_look_alikes_apart_where_a_small_holdout_cannot():
+    # The version answers Shirt for 60 % of shirts and 30 % of T-shirts. A set of shirts labelled
+    # T-shirt/top, answered Shirt 8 and T-shirt/top 2: with 3 holdout images of each class that is
+    # not enough evidence; with 50 answers of each from the record it is.
+    def known(n: int) -> Outcomes:
+        return outcomes(
+            ("Shirt", "Shirt", round(0.6 * n)), ("Shirt", "T-shirt/top", n - round(0.6 * n)),
+            ("T-shirt/top", "Shirt", round(0.3 * n)), ("T-shirt/top", "T-shirt/top", n - round(0.3 * n)),
+        )
+
+    slip = outcomes(("T-shirt/top", "Shirt", 8), ("T-shirt/top", "T-shirt/top", 2))
+    assert check_labels(known(3), slip, alpha=0.01, factor=10).passed
+    assert not check_labels(known(50), slip, alpha=0.01, factor=10).passed
 
 
 def test_a_class_known_from_a_few_holdout_samples_is_not_trusted_beyond_them():
     # Three holdout samples, all right: a clean set the version gets mostly wrong still passes
     # (seen in the stream benchmark: the second set of a class learned one step before).
     barely = outcomes(("Sneaker", "Sneaker", 3), ("Boot", "Boot", 20))
-    assert check_labels(barely, outcomes(("Sneaker", "Boot", 7), ("Sneaker", "Sneaker", 3)), alpha=0.01).passed
+    assert check_labels(barely, outcomes(("Sneaker", "Boot", 7), ("Sneaker", "Sneaker", 3)), alpha=0.01, factor=10).passed
 
 
 def test_a_set_with_half_its_labels_wrong_is_refused():
     # A version that knows Trouser from 20 holdout images; half the set's "Trouser" are other things.
     known = outcomes(("Trouser", "Trouser", 20), ("Shirt", "Shirt", 18), ("Shirt", "Coat", 2), ("Coat", "Coat", 20))
     half = outcomes(("Trouser", "Trouser", 5), ("Trouser", "Shirt", 2), ("Trouser", "Coat", 2), ("Trouser", "Dress", 1))
-    verdict = check_labels(known, half, alpha=0.01)
+    verdict = check_labels(known, half, alpha=0.01, factor=10)
     assert not verdict.passed and "5 of 10 images labelled 'Trouser' agree with it" in verdict.reason
 
 
 def test_new_classes_are_not_label_checked_and_the_check_can_be_switched_off():
     new_class = outcomes(("Bag", "Shirt", 10))  # the current version has no output for Bag
-    assert check_labels(KNOWN, new_class, alpha=0.01).passed
+    assert check_labels(KNOWN, new_class, alpha=0.01, factor=10).passed
     slip = outcomes(("Trouser", "Shirt", 10))
-    assert check_labels(KNOWN, slip, alpha=0.0).passed
+    assert check_labels(KNOWN, slip, alpha=0.0, factor=0).passed
 
 
 def test_a_class_the_model_barely_knows_tolerates_disagreement():
     weak = outcomes(("Shirt", "Shirt", 3), ("Shirt", "Coat", 7))
-    assert check_labels(weak, outcomes(("Shirt", "Coat", 8), ("Shirt", "Shirt", 2)), alpha=0.01).passed
+    assert check_labels(weak, outcomes(("Shirt", "Coat", 8), ("Shirt", "Shirt", 2)), alpha=0.01, factor=10).passed
 
 
 # After training: the candidate read among the old classes only (the job does this with Outcomes.of).

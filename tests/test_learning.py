@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,7 +48,7 @@ def test_a_new_class_in_sets_of_ten_is_learned_a_relabelled_set_refused_and_retr
         slip = post(c, *poisoned_set("green", "red", 20, seed=20))  # green images labelled red
         refused = wait_for_update(c, slip)
         assert refused["status"] == "rejected"
-        assert re.search(r"\d+ of 20 images labelled 'red' look like 'green'", refused["error"]), refused["error"]
+        assert "times likelier for images of 'green' than of 'red'" in refused["error"], refused["error"]
         assert [a["status"] for a in refused["attempts"]] == ["rejected"]
 
         wait_until_served(c, refused["attempts"][0]["model_version"])

@@ -60,7 +60,9 @@ def test_three_steps_then_a_poisoned_set_is_rejected(settings):
     assert [r.status for r in r4] == ["rejected", "rejected"] and {r.update_ids[0] for r in r4} == set(poison)
     assert ledger.snapshots.current() == 3 and ledger.snapshots.versions() == [1, 2, 3]
     status = ledger.status(poison[0])
-    assert status.status == "rejected" and "60 of 60 images labelled 'red' look like 'green'" in status.error
+    assert status.status == "rejected" and "times likelier for images of 'green' than of 'red'" in status.error
+    # version 3 recorded what version 2 answered for the red images before training on them
+    assert sum(ledger.snapshots.meta(3).metrics["answers_before_training"]["red"].values()) == 20
 
     assert [ledger.status(u).status for u in [first, second, *third]] == ["applied"] * 4
     assert ledger.status(second).model_version == 2
@@ -70,7 +72,7 @@ def test_three_steps_then_a_poisoned_set_is_rejected(settings):
 
 def test_without_the_label_check_the_candidate_that_forgets_old_classes_is_refused(make_settings):
     # no replay of the true green images: the poison does its damage for certain
-    settings = make_settings(gate_label_alpha=0.0, replay_lambda=0.0, iterations="50")
+    settings = make_settings(gate_label_alpha=0.0, gate_relabel_factor=0.0, replay_lambda=0.0, iterations="50")
     ledger = Ledger(settings)
     add(ledger, *make_set({"red": 60, "green": 60, "blue": 60}, seed=1))  # a holdout of 18
     apply_pending_updates(settings)

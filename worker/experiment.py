@@ -124,6 +124,8 @@ class Stream:
 
 
 def engine_settings(home: Path, protocol: Protocol, repeat: int, setting: Setting) -> Settings:
+    # Without the gate: a drop of 1.0 can never be exceeded, and the label tests are off (the paper has no gate).
+    no_gate = {} if setting.gate else {"gate_max_old_drop": 1.0, "gate_label_alpha": 0.0, "gate_relabel_factor": 0.0}
     return Settings(
         home=home,
         arch=protocol.arch,
@@ -133,11 +135,10 @@ def engine_settings(home: Path, protocol: Protocol, repeat: int, setting: Settin
         iterations=setting.iterations,
         replay_lambda=setting.replay_lambda,
         head_init=setting.head_init,  # type: ignore[arg-type]
-        gate_max_old_drop=0.05 if setting.gate else 1.0,  # 1.0 can never be exceeded: the paper has no gate
-        gate_label_alpha=0.01 if setting.gate else 0.0,
         retry_auto_max=0,  # one step per set, as in the paper
         bootstrap_max_epochs=protocol.initial_epochs,
         log_every=10**9,
+        **no_gate,
     )
 
 

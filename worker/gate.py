@@ -2,11 +2,14 @@
 
 Two checks, on what the models make of holdout samples (Outcomes: true and predicted labels):
 
-1. Before training, per update set and label of a class the current version already knows: do
-   its images go to one other class no more often than the version's holdout says it confuses
-   the two, and agree with the label about as often as its holdout recall says? An annotator's slip (a set of shirts labelled "Trouser") or a set with half
-   its labels wrong fails one of the two; a clean set does not. New classes are not checked: the
-   current version has no output for them, so it cannot disagree.
+1. Before training, per update set and label of a class the current version already knows: are
+   the version's answers for its images far likelier for images of another known class, and do
+   they agree with the label about as often as its recall of the label says? An annotator's slip
+   (a set of shirts labelled "T-shirt/top") or a set with half its labels wrong fails one of
+   the two; a clean set rarely does. What the version answers for each class is read from the
+   old holdout and from its lineage's record of answers on accepted images before training on
+   them (prequential: those images were unseen then), which holds many more images than the
+   holdout. New classes are not checked: the current version has no output for them.
 2. After training: does the candidate still tell the old classes apart on the old holdout? Its
    answer is read among the old classes only, so an old sample it now calls by a new class (the
    expected confusion when a new class resembles an old one) does not count as lost; an old class
@@ -81,49 +84,83 @@ def beta_binomial_cdf(k: int, m: int, hits: int, n: int) -> float:
     return sum(math.exp(log_comb(m, i) + log_beta(i + a, m - i + b) - log_beta(a, b)) for i in range(k + 1))
 
 
-def check_labels(known: Outcomes, incoming: Outcomes, alpha: float) -> Verdict:
+def log_predictive(answers: Counter[str], seen: Counter[str], categories: int, prior: float) -> float:
+    """log P(a set's predictions | the predictions seen for one class on the holdout), up to a
+    factor that is the same for every class (the multinomial coefficient).
+
+    The Dirichlet-multinomial posterior predictive: the class's prediction rates are
+    Dirichlet(seen + prior) over `categories` outputs, so a class seen on a few holdout samples
+    predicts broadly and one seen on many predicts what it saw.
+    """
+    total = sum(seen.values()) + prior * categories
+    log_p = math.lgamma(total) - math.lgamma(total + sum(answers.values()))
+    for k, count in answers.items():
+        log_p += math.lgamma(seen[k] + prior + count) - math.lgamma(seen[k] + prior)
+    return log_p
+
+
+def relabel_evidence(known: Outcomes, label: str, answers: Sequence[str], prior: float = 0.5) -> tuple[str, float]:
+    """The known class whose holdout predictions explain a set labelled `label` best, and the log
+    Bayes factor of that class against `label` (how much likelier the set's predictions are if its
+    images were of that class than if they were of `label`).
+
+    Under `label` the expected factor of each other class is 1, so a factor >= k happens by chance
+    with probability at most 1/k per class (Markov's inequality).
+    """
+    profiles: dict[str, Counter[str]] = {}
+    for t, p in zip(known.true, known.predicted, strict=True):
+        profiles.setdefault(t, Counter())[p] += 1
+    if label not in profiles or len(profiles) < 2:
+        return label, 0.0
+    categories = len(set(known.true) | set(known.predicted) | set(answers))
+    counts = Counter(answers)
+    log_p = {c: log_predictive(counts, seen, categories, prior) for c, seen in profiles.items()}
+    other = max((c for c in profiles if c != label), key=log_p.__getitem__)
+    return other, log_p[other] - log_p[label]
+
+
+def check_labels(known: Outcomes, incoming: Outcomes, alpha: float, factor: float) -> Verdict:
     """Refuse a set whose labels of known classes contradict the current version beyond chance.
 
-    known: the current version on the old holdout, which says how it answers for each class.
-    incoming: the current version on the set's samples, with the set's labels as true labels.
-    For each label of a known class, two one-sided tests at alpha against what the holdout
-    predicts for that many new images of the label (beta-binomial: the holdout's own size
-    sets how much it is trusted):
+    known: what the current version answers for images of each known class: its answers on the
+    old holdout and the lineage's record of answers on accepted images before training on them.
+    incoming: the current version's answers on the set's images, with the set's labels as true labels.
+    For each label of a known class, two tests of the images given that label:
 
-    - confusion: the images go to one other class more often than the version mistakes the
-      label for it (a known class labelled as another: the usual slip);
-    - agreement: the images agree with their label less often than the version's recall of
-      the label explains (many wrong labels).
+    - relabel: another known class explains the answers at least `factor` times better than the
+      label does (a Bayes factor; a known class labelled as another, the usual slip);
+    - agreement: the answers agree with the label less often than the version's recall of it
+      explains, one-sided at alpha (beta-binomial: the record's size sets how far it is trusted;
+      many wrong labels).
 
-    Only classes with samples in the old holdout are checked: new classes (the current version
-    has no output for them) and known classes whose holdout is empty pass.
+    Only classes that `known` has answers for are checked: new classes (the current version has
+    no output for them) and known classes with no record pass. alpha and factor 0 switch a test off.
     """
     classes = set(known.true)
     checked = [(t, p) for t, p in zip(incoming.true, incoming.predicted, strict=True) if t in classes]
-    if alpha <= 0 or not checked:
+    if not checked or (alpha <= 0 and factor <= 0):
         return Verdict(True, "no labels of known classes to check")
     for label in dict.fromkeys(t for t, _ in checked):
         answers = [p for t, p in checked if t == label]
+        seen = Counter(answers)
+        other, log_factor = relabel_evidence(known, label, answers)
+        if factor > 0 and log_factor >= math.log(factor):
+            return Verdict(
+                False,
+                f"labels contradict the current version: it answers "
+                f"{', '.join(f'{answer} {count}' for answer, count in seen.most_common())} for {len(answers)} images "
+                f"labelled {label!r}: {math.exp(min(log_factor, 700)):.3g} times likelier for images of {other!r} than of {label!r} "
+                f"(judged by its answers on {known.true.count(other)} and {known.true.count(label)} known images of "
+                f"each; refused from {factor:g})",
+            )
         hits, n = known.recall(label)
-        wrong = Counter(p for p in answers if p != label)
-        if wrong:
-            other, count = wrong.most_common(1)[0]
-            mistaken = sum(t == label and p == other for t, p in zip(known.true, known.predicted, strict=True))
-            p_value = 1 - beta_binomial_cdf(count - 1, len(answers), mistaken, n)
-            if p_value < alpha:
-                return Verdict(
-                    False,
-                    f"labels contradict the current version: {count} of {len(answers)} images labelled {label!r} look "
-                    f"like {other!r} to it, while it mistakes {label!r} for {other!r} on {mistaken} of {n} holdout "
-                    f"images (p = {p_value:.1e} < {alpha})",
-                )
-        agree = len(answers) - sum(wrong.values())
+        agree = seen[label]
         p_value = beta_binomial_cdf(agree, len(answers), hits, n)
-        if p_value < alpha:
+        if alpha > 0 and p_value < alpha:
             return Verdict(
                 False,
                 f"labels contradict the current version: {agree} of {len(answers)} images labelled {label!r} agree "
-                f"with it, while it recognises {label!r} on {hits} of {n} holdout images (p = {p_value:.1e} < {alpha})",
+                f"with it, while it recognises {label!r} on {hits} of {n} known images (p = {p_value:.1e} < {alpha})",
             )
     agree = sum(t == p for t, p in checked)
     return Verdict(True, f"labels agree with the current version on {agree} of {len(checked)} known-class samples")

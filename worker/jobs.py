@@ -9,6 +9,7 @@ import random
 import time
 import traceback
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -35,6 +36,9 @@ from worker.trainer import (
 )
 
 log = logging.getLogger(__name__)
+
+# The metrics key of a version's answers on its sets' images before training on them.
+RECORD = "answers_before_training"
 
 
 @dataclass
@@ -182,18 +186,41 @@ def per_class(outcomes: Outcomes) -> dict[str, float]:
 
 
 def screen_labels(
-    model: nn.Module, known: Outcomes, sets: list[SetTensors], classes: list[str], alpha: float, device: torch.device
-) -> tuple[list[SetTensors], list[tuple[SetTensors, Verdict]]]:
-    """Split the sets into those whose labels the current version can accept and those it refuses (gate check 1)."""
+    model: nn.Module, known: Outcomes, sets: list[SetTensors], classes: list[str], settings: Settings, device: torch.device
+) -> tuple[list[SetTensors], list[tuple[SetTensors, Verdict]], dict[str, dict[str, int]]]:
+    """Split the sets into those whose labels the current version can accept and those it refuses
+    (gate check 1); with the version's answers on the accepted sets' images of known classes, by
+    label (the record later label checks read)."""
     accepted, refused = [], []
+    record: dict[str, Counter[str]] = {}
     for s in sets:
         logits = torch.cat([predict_logits(model, s.train, device), predict_logits(model, s.holdout, device)])
-        verdict = check_labels(known, Outcomes.of(logits, s.train.labels + s.holdout.labels, classes), alpha)
-        if verdict.passed:
-            accepted.append(s)
-        else:
+        answers = Outcomes.of(logits, s.train.labels + s.holdout.labels, classes)
+        verdict = check_labels(known, answers, settings.gate_label_alpha, settings.gate_relabel_factor)
+        if not verdict.passed:
             refused.append((s, verdict))
-    return accepted, refused
+            continue
+        accepted.append(s)
+        for t, p in zip(answers.true, answers.predicted, strict=True):
+            if t in classes:
+                record.setdefault(t, Counter())[p] += 1
+    return accepted, refused, {label: dict(counts) for label, counts in record.items()}
+
+
+def known_answers(holdout: Outcomes, lineage: list[SnapshotMeta], per_class: int) -> Outcomes:
+    """What the current version answers for each known class: its answers on the old holdout, and
+    the lineage's record of answers on accepted images before training on them, newest first, up
+    to about per_class images of each label from the record."""
+    true, predicted = list(holdout.true), list(holdout.predicted)
+    taken: Counter[str] = Counter()
+    for meta in lineage:
+        for label, answers in meta.metrics.get(RECORD, {}).items():
+            if taken[label] < per_class:
+                for answer, count in answers.items():
+                    true += [label] * count
+                    predicted += [answer] * count
+                    taken[label] += count
+    return Outcomes(tuple(true), tuple(predicted))
 
 
 def apply_step(settings: Settings, ledger: Ledger, pending: list[UpdateSet], lock: LineageLock) -> list[StepResult]:
@@ -215,9 +242,11 @@ def apply_step(settings: Settings, ledger: Ledger, pending: list[UpdateSet], loc
 
     results: list[StepResult] = []
     before = Outcomes((), ())
+    record: dict[str, dict[str, int]] = {}
     if parent is not None:
         before = Outcomes.of(predict_logits(model, old_holdout, device), old_holdout.labels, old_classes)
-        sets, refused = screen_labels(model, before, sets, old_classes, settings.gate_label_alpha, device)
+        known = known_answers(before, ledger.snapshots.lineage(parent.version), settings.gate_holdout_per_class)
+        sets, refused, record = screen_labels(model, known, sets, old_classes, settings, device)
         for s, verdict in refused:
             log.warning("rejected update set %s before training: %s", s.update.update_id, verdict.reason)
             results.append(record_outcome(ledger, [s.update], "rejected", verdict.reason, {"gate": verdict.reason, "warm_start_from": parent.version}))
@@ -266,6 +295,7 @@ def apply_step(settings: Settings, ledger: Ledger, pending: list[UpdateSet], loc
         "holdout_after": holdout_summary(old_after, new_after),
         "holdout_after_per_class": per_class(Outcomes(old_after.true + new_after.true, old_after.predicted + new_after.predicted)),
         "old_classes_apart": {"before": before.accuracy(), "after": kept.accuracy()},
+        RECORD: record,
         "gate": verdict.reason,
         "load_seconds": load_seconds,
         "train_seconds": stats.seconds,
