@@ -6,10 +6,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-DEBIAN_PACKAGES := dataset-fashion-mnist redis-server docker-compose
+DEBIAN_PACKAGES := dataset-fashion-mnist redis-server docker-compose prometheus
 REDIS_PORT ?= 6379
 
-.PHONY: install system-deps redis test demo bench bench-stream bench-history experiment clean
+.PHONY: install system-deps redis test demo bench bench-stream bench-history bench-label-check experiment clean
 
 install: system-deps $(STAMP)
 
@@ -50,6 +50,10 @@ bench-stream: install
 # GET /updates/{id} and /metrics against 10 to 1000 versions and 100 to 10,000 sets (about 2 minutes).
 bench-history: install
 	$(BIN)/warmtune bench history
+
+# The gate's label-check rules on crafted clean, relabelled and half-wrong sets (about 8 minutes).
+bench-label-check: install
+	$(BIN)/warmtune bench label-check
 
 experiment: install
 	$(BIN)/warmtune experiment --study all --quick --out var/experiment-quick

@@ -137,7 +137,8 @@ def cmd_experiment(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-BENCHMARKS = {"update-step": "bench.update_step", "predict": "bench.predict", "stream": "bench.stream", "history": "bench.history"}
+BENCHMARKS = {"update-step": "bench.update_step", "predict": "bench.predict", "stream": "bench.stream", "history": "bench.history",
+              "label-check": "bench.label_check"}
 
 
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
@@ -188,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--home", type=Path, default=None, help="WARMTUNE_HOME to use (default: a new temporary one)")
     demo.add_argument("--seed", type=int, default=0)
 
-    bench = sub.add_parser("bench", help="run a benchmark: update-step, predict, stream or history (add --help after its name)")
+    bench = sub.add_parser("bench", help="run a benchmark: update-step, predict, stream, history or label-check (add --help after its name)")
     bench.add_argument("name", choices=sorted(BENCHMARKS))
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="the benchmark's own flags")
 

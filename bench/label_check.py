@@ -11,9 +11,16 @@ test image once. Sets of 10 test images are then drawn from those predictions:
 - half wrong: 5 images of the class and 5 of other classes, all labelled as the class.
 
 A relabelled pair is a look-alike pair when the version calls at least 10 % of the first class's
-test images by the second. Rates are over all sets of a kind; the rules' thresholds are swept.
+test images by the second. Rates are over all sets of a kind. The rules, each swept over its
+threshold: the check this bench replaced (holdout only); the relabel factor with the agreement
+test reading the holdout only (three Dirichlet priors); the service's check_labels reading the
+holdout plus a record of 20 or 50 answers per class on unseen test images (what the lineage's
+record gives the service; sets are drawn from the other test images); the same reading every
+test answer (the limit of the rule on these answers); and the model's own softmax log ratio of
+another class against the label (uncalibrated). The plot: clean sets refused against
+look-alike relabelled sets refused.
 
-    python -m bench.label_check --per-class 40 120 --repeats 2
+    warmtune bench label-check --per-class 40 120 --repeats 2
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from app.ledger import Ledger
 from app.model import model_from_state
 from app.samples import Sample
 from app.settings import Settings
-from worker.gate import Outcomes, beta_binomial_cdf, relabel_evidence
+from worker.gate import Outcomes, beta_binomial_cdf, check_labels, relabel_evidence
 from worker.jobs import apply_pending_updates, replay_memory
 from worker.trainer import SampleTensors, predict_logits
 
@@ -73,8 +80,11 @@ def train_version(
     return known, predictions, log_probs
 
 
-def current_rule_p(known: Outcomes, label: str, answers: list[str]) -> float:
-    """The smaller p-value of the two beta-binomial tests of check_labels (confusion, agreement)."""
+def before_rule_p(known: Outcomes, s: dict) -> float:
+    """The label check this bench replaced: the smaller p-value of its two beta-binomial tests
+    (the images go to one other class more often than the version confuses the two; they agree
+    with the label less often than its recall explains)."""
+    label, answers = s["label"], s["answers"]
     hits, n = known.recall(label)
     wrong = Counter(p for p in answers if p != label)
     p_values = [beta_binomial_cdf(len(answers) - sum(wrong.values()), len(answers), hits, n)]
@@ -85,17 +95,12 @@ def current_rule_p(known: Outcomes, label: str, answers: list[str]) -> float:
     return min(p_values)
 
 
-def agreement_p(known: Outcomes, label: str, answers: list[str]) -> float:
-    hits, n = known.recall(label)
-    return beta_binomial_cdf(sum(a == label for a in answers), len(answers), hits, n)
-
-
 def draw_sets(predictions: dict[str, list[str]], sets_per_kind: int, rng: random.Random) -> list[dict]:
     """Sets as (true class, test image index) pairs with the label they are posted under."""
     classes = list(predictions)
 
     def some(label: str, count: int) -> list[tuple[str, int]]:
-        return [(label, i) for i in rng.sample(range(len(predictions[label])), count)]
+        return [(label, i) for i in rng.sample(range(max(RECORD_SIZES), len(predictions[label])), count)]
 
     drawn = []
     for x in classes:
@@ -109,19 +114,26 @@ def draw_sets(predictions: dict[str, list[str]], sets_per_kind: int, rng: random
                 kind = "relabelled, look-alike" if confusion >= 0.1 else "relabelled"
                 for _ in range(max(sets_per_kind // 4, 1)):
                     drawn.append({"kind": kind, "label": y, "images": some(x, SET_SIZE)})
+    for s in drawn:
+        s["answers"] = [predictions[c][i] for c, i in s["images"]]
     return drawn
 
 
 PRIORS = (0.1, 0.5, 1.0)
 RECORD_SIZES = (20, 50)
-FACTORS = (10, 30, 100, 1000)
+FACTORS = (3, 10, 30, 100, 1000)
+SOFT_THRESHOLDS = (0, 5, 10, 20, 40)
 
 
-def oracle(predictions: dict[str, list[str]], per_class: int | None = None) -> Outcomes:
-    """The first per_class test predictions of every class (all by default) as if they were the
-    holdout: the profiles a larger record of unseen images would show."""
+def first_answers(predictions: dict[str, list[str]], per_class: int | None = None) -> Outcomes:
+    """The version's answers on the first per_class test images of every class (all by default),
+    as a record of answers on unseen images; sets are drawn from the other test images."""
     chosen = {c: ps[:per_class] for c, ps in predictions.items()}
     return Outcomes(tuple(c for c, ps in chosen.items() for _ in ps), tuple(p for ps in chosen.values() for p in ps))
+
+
+def joined(a: Outcomes, b: Outcomes) -> Outcomes:
+    return Outcomes(a.true + b.true, a.predicted + b.predicted)
 
 
 def soft_relabel(log_probs: dict[str, torch.Tensor], classes: list[str], label: str, images: list[tuple[str, int]]) -> float:
@@ -133,22 +145,39 @@ def soft_relabel(log_probs: dict[str, torch.Tensor], classes: list[str], label: 
     return float(gaps.max())
 
 
-def score_sets(known: Outcomes, drawn: list[dict], predictions: dict[str, list[str]], log_probs: dict[str, torch.Tensor]) -> None:
-    big = oracle(predictions)
-    record = {n: oracle(predictions, n) for n in RECORD_SIZES}
+def refused_by_check(known: Outcomes, factor: float):
+    """The service's check_labels at the default alpha and this factor."""
+    alpha = Settings.model_fields["gate_label_alpha"].default
+
+    def refused(s: dict) -> bool:
+        incoming = Outcomes((s["label"],) * len(s["answers"]), tuple(s["answers"]))
+        return not check_labels(known, incoming, alpha, factor).passed
+
+    return refused
+
+
+def rule_families(known: Outcomes, predictions: dict[str, list[str]], log_probs: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """Each family of rules as {threshold: refused(set) -> bool}."""
     classes = list(predictions)
-    for s in drawn:
-        s["answers"] = [predictions[c][i] for c, i in s["images"]]
-        s["log_bf oracle"] = relabel_evidence(big, s["label"], s["answers"], 0.5)[1]
-        s["p_agreement oracle"] = agreement_p(big, s["label"], s["answers"])
-        for n, seen in record.items():
-            s[f"log_bf {n}"] = relabel_evidence(seen, s["label"], s["answers"], 0.5)[1]
-            s[f"p_agreement {n}"] = agreement_p(seen, s["label"], s["answers"])
-        s["soft"] = soft_relabel(log_probs, classes, s["label"], s["images"])
-        s["p_current"] = current_rule_p(known, s["label"], s["answers"])
-        s["p_agreement"] = agreement_p(known, s["label"], s["answers"])
-        for prior in PRIORS:
-            s[f"log_bf {prior}"] = relabel_evidence(known, s["label"], s["answers"], prior)[1]
+    alpha = Settings.model_fields["gate_label_alpha"].default
+    families: dict[str, dict] = {"before: one-class confusion + agreement, holdout": {alpha: lambda s: before_rule_p(known, s) < alpha}}
+    for prior in PRIORS:
+        families[f"relabel factor + agreement, holdout, prior {prior}"] = {
+            k: (lambda k, prior: lambda s: relabel_evidence(known, s["label"], s["answers"], prior)[1] >= math.log(k)
+                or refused_by_check(known, 0)(s))(k, prior)
+            for k in FACTORS
+        }
+    for n in RECORD_SIZES:
+        families[f"relabel factor + agreement, holdout + {n} unseen per class"] = {
+            k: refused_by_check(joined(known, first_answers(predictions, n)), k) for k in FACTORS
+        }
+    families["relabel factor + agreement, every test answer (the limit)"] = {
+        k: refused_by_check(first_answers(predictions), k) for k in FACTORS
+    }
+    families["softmax log ratio (uncalibrated)"] = {
+        t: (lambda t: lambda s: soft_relabel(log_probs, classes, s["label"], s["images"]) >= t)(t) for t in SOFT_THRESHOLDS
+    }
+    return families
 
 
 def rates(drawn: list[dict], refused) -> dict[str, float]:
@@ -156,63 +185,69 @@ def rates(drawn: list[dict], refused) -> dict[str, float]:
     return {k: sum(refused(s) for s in drawn if s["kind"] == k) / sum(s["kind"] == k for s in drawn) for k in kinds}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted({r["per_class"] for r in report["runs"]})
+    fig, axes = plt.subplots(1, len(sizes), figsize=(6.5 * len(sizes), 5), squeeze=False)
+    for ax, size in zip(axes[0], sizes, strict=True):
+        runs = [r for r in report["runs"] if r["per_class"] == size]
+        for family in runs[0]["refused"]:
+            thresholds = list(runs[0]["refused"][family])
+            mean = lambda t, kind: sum(r["refused"][family][t][kind] for r in runs) / len(runs)  # noqa: E731
+            xs = [mean(t, "clean") for t in thresholds]
+            ys = [mean(t, "relabelled, look-alike") for t in thresholds]
+            ax.plot(xs, ys, marker="o", label=family)
+        ax.set_xscale("symlog", linthresh=0.001)
+        ax.set_xlabel("clean sets refused")
+        ax.set_ylabel("look-alike relabelled sets refused")
+        ax.set_title(f"{size} training images per class ({size // 10} holdout), {len(runs)} version(s)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="warmtune bench label-check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--per-class", type=int, nargs="+", default=[40, 120])
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--sets", type=int, default=200, help="clean and half-wrong sets per class")
+    parser.add_argument("--sets", type=int, default=100, help="clean and half-wrong sets per class")
     parser.add_argument("--arch", default="resnet18")
     parser.add_argument("--image-size", type=int, default=32)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(2)
-    rules = {
-        "current (alpha 0.01)": lambda s: s["p_current"] < 0.01,
-        **{
-            f"agreement 0.01 + relabel, prior {a}, factor {k}": (
-                lambda a, k: lambda s: s["p_agreement"] < 0.01 or s[f"log_bf {a}"] >= math.log(k)
-            )(a, k)
-            for a in PRIORS
-            for k in FACTORS
-        },
-        **{
-            f"oracle profiles: agreement 0.01 + relabel factor {k}": (
-                lambda k: lambda s: s["p_agreement oracle"] < 0.01 or s["log_bf oracle"] >= math.log(k)
-            )(k)
-            for k in FACTORS
-        },
-        **{
-            f"{n} unseen per class: agreement 0.01 + relabel factor {k}": (
-                lambda n, k: lambda s: s[f"p_agreement {n}"] < 0.01 or s[f"log_bf {n}"] >= math.log(k)
-            )(n, k)
-            for n in RECORD_SIZES
-            for k in FACTORS
-        },
-        **{f"softmax relabel, log ratio {t}": (lambda t: lambda s: s["soft"] >= t)(t) for t in (0, 5, 10, 20, 40)},
-    }
-    report = {"args": vars(args), "runs": []}
+    report: dict = {"args": vars(args), "runs": []}
+    path = RESULTS / f"label-check-{args.arch}-{args.image_size}.json"
     for per_class in args.per_class:
         for seed in range(args.repeats):
             start = time.perf_counter()
             with tempfile.TemporaryDirectory() as home:
                 known, predictions, log_probs = train_version(Path(home), per_class, seed, args.arch, args.image_size)
             drawn = draw_sets(predictions, args.sets, random.Random(seed))
-            score_sets(known, drawn, predictions, log_probs)
+            families = rule_families(known, predictions, log_probs)
             run = {
                 "per_class": per_class,
                 "seed": seed,
                 "holdout_per_class": dict(Counter(known.true)),
                 "holdout_accuracy": known.accuracy(),
-                "test_accuracy": sum(p == c for c, ps in predictions.items() for p in ps) / sum(map(len, predictions.values())),
+                "test_accuracy": first_answers(predictions).accuracy(),
                 "sets": Counter(s["kind"] for s in drawn),
-                "refused": {name: rates(drawn, rule) for name, rule in rules.items()},
+                "refused": {name: {t: rates(drawn, rule) for t, rule in rules.items()} for name, rules in families.items()},
                 "seconds": time.perf_counter() - start,
             }
             report["runs"].append(run)
-            print(f"per class {per_class}, seed {seed}: holdout {run['holdout_accuracy']:.2f}, test {run['test_accuracy']:.2f}")
-            for name, r in run["refused"].items():
-                print(f"  {name:56s} " + "  ".join(f"{k} {v:.3f}" for k, v in r.items()))
+            print(f"{per_class} per class, seed {seed}: holdout {run['holdout_accuracy']:.2f}, test {run['test_accuracy']:.2f}")
+            for name, by_threshold in run["refused"].items():
+                for t, r in by_threshold.items():
+                    print(f"  {name:64s} {t:>6g}  " + "  ".join(f"{k} {v:.3f}" for k, v in r.items()))
             RESULTS.mkdir(exist_ok=True)
-            (RESULTS / f"label-check-{args.arch}-{args.image_size}.json").write_text(json.dumps(report, indent=1))
+            path.write_text(json.dumps(report, indent=1))
+    plot(report, path.with_suffix(".png"))
+    print(f"wrote {path} and {path.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

@@ -66,6 +66,16 @@ def test_a_look_alike_class_labelled_as_its_twin_is_refused_by_the_relabel_test(
     assert not verdict.passed and "likelier for images of 'Coat' than of 'Shirt'" in verdict.reason
 
 
+def test_one_image_answered_as_another_class_is_not_a_relabelled_set():
+    # One coat-like answer is far likelier for a coat than for a shirt, but one image is no slip.
+    long_record = outcomes(("Shirt", "Shirt", 48), ("Shirt", "Coat", 2), ("Coat", "Coat", 50))
+    mixed = outcomes(("Shirt", "Coat", 1), ("Coat", "Coat", 4))
+    assert relabel_evidence(long_record, "Shirt", ["Coat"])[1] > math.log(10)
+    assert check_labels(long_record, mixed, alpha=0.01, factor=10).passed
+    slip = outcomes(("Shirt", "Coat", 5))
+    assert not check_labels(long_record, slip, alpha=0.01, factor=10).passed
+
+
 def test_a_clean_set_of_a_look_alike_class_passes():
     # Shirts the version answers as it answers shirts, three of them as coats.
     assert check_labels(KNOWN, outcomes(("Shirt", "Shirt", 7), ("Shirt", "Coat", 3)), alpha=0.01, factor=10).passed
