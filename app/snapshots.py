@@ -176,12 +176,15 @@ class SnapshotStore:
 
     def lineage(self, version: int | None) -> list[SnapshotMeta]:
         """The version and its ancestors, newest first."""
-        chain = []
+        return list(self.ancestors(version))
+
+    def ancestors(self, version: int | None) -> Iterator[SnapshotMeta]:
+        """The version and its ancestors, newest first, each read when reached (a caller that
+        needs only the recent ones does not read the whole history)."""
         while version is not None:
             meta = self.meta(version)
-            chain.append(meta)
+            yield meta
             version = meta.parent
-        return chain
 
     def publish(self, state: dict[str, torch.Tensor], meta: SnapshotMeta) -> int:
         """Write a new version and make it current; raises LineageMoved if meta.parent is no longer current.

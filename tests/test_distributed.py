@@ -265,9 +265,13 @@ def test_compose_file_is_valid(tmp_path: Path):
     compose = Path(__file__).parent.parent / "docker-compose.yml"
     if shutil.which("docker-compose") is None:
         pytest.fail("docker-compose is missing: `make install` installs Debian's docker-compose")
-    env = {**os.environ, "WARMTUNE_API_KEYS": '{"key": ["admin"]}'}
+    env = {**os.environ, "WARMTUNE_API_KEYS": '{"key": ["admin"]}', "REDIS_PASSWORD": "a-password"}
     result = subprocess.run(["docker-compose", "-f", str(compose), "config"], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
     config = result.stdout
-    for needed in ("redis:", "api:", "worker:", "WARMTUNE_REDIS_URL", "WARMTUNE_HOME", "healthcheck", "driver: nvidia"):
+    for needed in ("redis:", "api:", "worker:", "WARMTUNE_REDIS_URL", "WARMTUNE_HOME", "healthcheck", "driver: nvidia",
+                   "prometheus:", "grafana:", "--requirepass", "redis://:a-password@redis:6379/0"):
         assert needed in config, needed
+    unset = subprocess.run(["docker-compose", "-f", str(compose), "config"], capture_output=True, text=True,
+                           env={k: v for k, v in env.items() if k != "REDIS_PASSWORD"})
+    assert unset.returncode != 0 and "REDIS_PASSWORD" in unset.stderr

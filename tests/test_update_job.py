@@ -1,6 +1,7 @@
 """Real update steps on generated images: warm start, head growth, replay, gate, publish."""
 
 import time
+from collections import Counter
 
 import pytest
 import torch
@@ -199,3 +200,27 @@ def test_the_batched_trigger_waits_for_enough_samples_or_time_then_takes_them_in
         assert time.monotonic() < deadline, "the batched trigger never fired"
         time.sleep(0.1)
     assert [(s.status, s.update_ids) for s in steps] == [("applied", [late])]
+
+
+def test_the_label_check_reads_the_newest_answers_of_the_lineage_up_to_the_cap():
+    from app.snapshots import SnapshotMeta
+    from worker.gate import Outcomes
+    from worker.jobs import RECORD, known_answers
+
+    def meta(version: int, record: dict) -> SnapshotMeta:
+        return SnapshotMeta(version=version, parent=version - 1 or None, classes=["a", "b"], arch="resnet18",
+                            image_size=32, base_weights="none", update_ids=[], metrics={RECORD: record})
+
+    newest_first = [meta(3, {"a": {"a": 4, "b": 1}}), meta(2, {"a": {"b": 5}, "b": {"b": 5}}), meta(1, {"b": {"a": 9}})]
+    read = []
+
+    def lineage():
+        for m in newest_first:
+            read.append(m.version)
+            yield m
+
+    holdout = Outcomes(("a",), ("a",))
+    known = known_answers(holdout, lineage(), ["a", "b"], per_class=5)
+    # a: the holdout, then version 3's five answers (full); b: version 2's five; version 1 is never read
+    assert Counter(zip(known.true, known.predicted)) == {("a", "a"): 5, ("a", "b"): 1, ("b", "b"): 5}
+    assert read == [3, 2]

@@ -10,7 +10,7 @@ import time
 import traceback
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -207,10 +207,10 @@ def screen_labels(
     return accepted, refused, {label: dict(counts) for label, counts in record.items()}
 
 
-def known_answers(holdout: Outcomes, lineage: list[SnapshotMeta], per_class: int) -> Outcomes:
+def known_answers(holdout: Outcomes, lineage: Iterable[SnapshotMeta], classes: list[str], per_class: int) -> Outcomes:
     """What the current version answers for each known class: its answers on the old holdout, and
     the lineage's record of answers on accepted images before training on them, newest first, up
-    to about per_class images of each label from the record."""
+    to about per_class images of each class from the record (so a long history is not read)."""
     true, predicted = list(holdout.true), list(holdout.predicted)
     taken: Counter[str] = Counter()
     for meta in lineage:
@@ -220,6 +220,8 @@ def known_answers(holdout: Outcomes, lineage: list[SnapshotMeta], per_class: int
                     true += [label] * count
                     predicted += [answer] * count
                     taken[label] += count
+        if all(taken[c] >= per_class for c in classes):
+            break
     return Outcomes(tuple(true), tuple(predicted))
 
 
@@ -245,7 +247,7 @@ def apply_step(settings: Settings, ledger: Ledger, pending: list[UpdateSet], loc
     record: dict[str, dict[str, int]] = {}
     if parent is not None:
         before = Outcomes.of(predict_logits(model, old_holdout, device), old_holdout.labels, old_classes)
-        known = known_answers(before, ledger.snapshots.lineage(parent.version), settings.gate_holdout_per_class)
+        known = known_answers(before, ledger.snapshots.ancestors(parent.version), old_classes, settings.gate_holdout_per_class)
         sets, refused, record = screen_labels(model, known, sets, old_classes, settings, device)
         for s, verdict in refused:
             log.warning("rejected update set %s before training: %s", s.update.update_id, verdict.reason)
