@@ -224,3 +224,19 @@ def test_the_label_check_reads_the_newest_answers_of_the_lineage_up_to_the_cap()
     # a: the holdout, then version 3's five answers (full); b: version 2's five; version 1 is never read
     assert Counter(zip(known.true, known.predicted)) == {("a", "a"): 5, ("a", "b"): 1, ("b", "b"): 5}
     assert read == [3, 2]
+
+
+def test_a_set_the_label_check_refused_must_be_explained_by_its_label_when_reconsidered(settings):
+    from app.ledger import Attempt
+    from worker.jobs import relabel_factor
+
+    refused = Attempt("rejected", 1.0, 3, "labels contradict", {"refused_by": "labels"})
+    forgot = Attempt("rejected", 1.0, 3, "the candidate would forget", {})
+    by_itself = Attempt("requeued", 2.0, 4, "reconsidered", {"automatic": True})
+    by_request = Attempt("requeued", 2.0, 4, "retried on request", {"automatic": False})
+    assert settings.gate_relabel_factor > 1
+    assert relabel_factor(settings, []) == settings.gate_relabel_factor
+    assert relabel_factor(settings, [refused, by_itself]) == 1.0  # hysteresis
+    assert relabel_factor(settings, [refused, by_request]) == settings.gate_relabel_factor  # an annotator's call
+    assert relabel_factor(settings, [forgot, by_itself]) == settings.gate_relabel_factor
+    assert relabel_factor(settings.model_copy(update={"gate_relabel_factor": 0.0}), [refused, by_itself]) == 0.0

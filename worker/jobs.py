@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from app.errors import LineageMoved, LockLost
-from app.ledger import Ledger
+from app.ledger import Attempt, Ledger
 from app.locks import LineageLock
 from app.model import build_model, grow_head, model_from_state, select_device
 from app.samples import Sample, UpdateSet
@@ -185,18 +185,33 @@ def per_class(outcomes: Outcomes) -> dict[str, float]:
     return recall
 
 
+def relabel_factor(settings: Settings, attempts: list[Attempt]) -> float:
+    """The relabel test's threshold for a set. A set the label check refused and that is now
+    reconsidered by itself must be explained by its label at least as well as by any other class
+    (a factor below 1), not merely fall under the threshold once more: without this hysteresis a
+    refused set gets up to WARMTUNE_RETRY_AUTO_MAX more draws, and in the stream benchmark two
+    poisoned sets (shirts labelled T-shirt/top, pullovers labelled Coat) passed on one of them.
+    An annotator's retry is judged like a new set."""
+    rejected = [a for a in attempts if a.status == "rejected"]
+    reconsidered = bool(attempts) and attempts[-1].status == "requeued" and bool(attempts[-1].metrics.get("automatic"))
+    if reconsidered and rejected and rejected[-1].metrics.get("refused_by") == "labels":
+        return min(settings.gate_relabel_factor, 1.0)
+    return settings.gate_relabel_factor
+
+
 def screen_labels(
-    model: nn.Module, known: Outcomes, sets: list[SetTensors], classes: list[str], settings: Settings, device: torch.device
+    model: nn.Module, known: Outcomes, sets: list[SetTensors], classes: list[str], factors: dict[str, float],
+    settings: Settings, device: torch.device,
 ) -> tuple[list[SetTensors], list[tuple[SetTensors, Verdict]], dict[str, dict[str, int]]]:
     """Split the sets into those whose labels the current version can accept and those it refuses
-    (gate check 1); with the version's answers on the accepted sets' images of known classes, by
-    label (the record later label checks read)."""
+    (gate check 1), each set with its relabel threshold from factors; with the version's answers
+    on the accepted sets' images of known classes, by label (the record later label checks read)."""
     accepted, refused = [], []
     record: dict[str, Counter[str]] = {}
     for s in sets:
         logits = torch.cat([predict_logits(model, s.train, device), predict_logits(model, s.holdout, device)])
         answers = Outcomes.of(logits, s.train.labels + s.holdout.labels, classes)
-        verdict = check_labels(known, answers, settings.gate_label_alpha, settings.gate_relabel_factor)
+        verdict = check_labels(known, answers, settings.gate_label_alpha, factors[s.update.update_id])
         if not verdict.passed:
             refused.append((s, verdict))
             continue
@@ -248,10 +263,13 @@ def apply_step(settings: Settings, ledger: Ledger, pending: list[UpdateSet], loc
     if parent is not None:
         before = Outcomes.of(predict_logits(model, old_holdout, device), old_holdout.labels, old_classes)
         known = known_answers(before, ledger.snapshots.ancestors(parent.version), old_classes, settings.gate_holdout_per_class)
-        sets, refused, record = screen_labels(model, known, sets, old_classes, settings, device)
+        history = ledger.history()
+        factors = {u.update_id: relabel_factor(settings, history.get(u.update_id, [])) for u in pending}
+        sets, refused, record = screen_labels(model, known, sets, old_classes, factors, settings, device)
         for s, verdict in refused:
             log.warning("rejected update set %s before training: %s", s.update.update_id, verdict.reason)
-            results.append(record_outcome(ledger, [s.update], "rejected", verdict.reason, {"gate": verdict.reason, "warm_start_from": parent.version}))
+            metrics = {"gate": verdict.reason, "refused_by": "labels", "warm_start_from": parent.version}
+            results.append(record_outcome(ledger, [s.update], "rejected", verdict.reason, metrics))
         if not sets:
             return results
 
