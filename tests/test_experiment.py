@@ -10,7 +10,7 @@ from pathlib import Path
 from imagegen import image_tree
 
 from app.datasets import image_folder
-from worker.experiment import STUDIES, Protocol, run_experiment
+from worker.experiment import STUDIES, Protocol, Row, corrupt, largest_served_drop, run_experiment
 
 TINY = Protocol(
     arch="resnet18", image_size=16, repeats=2, initial_classes=2, new_classes=2, initial_per_class=6,
@@ -45,7 +45,24 @@ def test_experiment_writes_consistent_csv_plots_and_table(tmp_path: Path):
         for setting in STUDIES[study]:
             final = [float(r["accuracy"]) for r in rows if r["study"] == study and r["setting"] == setting.name and r["step"] == str(steps)]
             line = next(l for l in table.splitlines() if l.startswith(f"| {setting.name} |"))
-            assert re.search(rf"\| {statistics.fmean(final):.3f} ± {statistics.pstdev(final):.3f} \|", line), line
+            assert re.search(rf"\| {statistics.fmean(final):.3f} ± {statistics.stdev(final):.3f} \|", line), line
     gate_on = next(l for l in table.splitlines() if l.startswith("| 30% noise, gate on |"))
     rejected = sum(r["status"] == "rejected" for r in rows if r["setting"] == "30% noise, gate on") / TINY.repeats
     assert f"{rejected:.1f} of {steps} |" in gate_on
+
+
+def test_label_noise_takes_fresh_images_for_every_set_of_a_class():
+    pool = [bytes([i]) for i in range(30)]  # 30 % of ten sets of ten
+    clean = [b"clean"] * 10
+    for noise, k in ((0.1, 1), (0.3, 3)):
+        used = [image for nth in range(10) for image in corrupt(clean, noise, pool, nth)[:k]]
+        assert len(set(used)) == 10 * k  # before: 3 and 9 distinct images
+
+
+def test_the_largest_drop_counts_every_step_on_the_initial_classes():
+    def row(step: int, initial: float, version: int, status: str) -> Row:
+        # accuracy on the classes known so far falls as classes are added; the initial classes stay fixed
+        return Row("gate", "s", 0, step, "c", 2 + step, 0.9 - 0.1 * step, initial, version, status, 0, 0.0)
+
+    run = [row(0, 0.9, 1, "initial"), row(1, 0.8, 2, "applied"), row(2, 0.8, 2, "rejected"), row(3, 0.5, 3, "applied")]
+    assert abs(largest_served_drop(run) - 0.3) < 1e-9  # version 2 -> 3 on the initial classes

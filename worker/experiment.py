@@ -63,7 +63,7 @@ STUDIES: dict[str, list[Setting]] = {
         Setting("1/2 epoch", iterations="epochs:0.5"),
         Setting("1/4 epoch", iterations="epochs:0.25"),
         Setting("1/10 epoch", iterations="epochs:0.1"),
-        Setting("update-size iterations (10)"),
+        Setting("update-size iterations (9: |U_t| after the holdout)"),
     ],
     "lambda": [Setting(f"λ = {lam:g}", replay_lambda=lam) for lam in (0.0, 0.25, 0.5, 0.75, 1.0)],
     "noise": [Setting(f"{noise:.0%} noise", noise=noise) for noise in (0.0, 0.1, 0.2, 0.3)],
@@ -105,6 +105,7 @@ class Row:
     new_class: str
     known_classes: int
     accuracy: float
+    initial_accuracy: float  # on the initial classes only: the same classes at every step
     version: int
     status: str
     iterations: int
@@ -162,10 +163,14 @@ def make_stream(train: LabelledImages, test: LabelledImages, protocol: Protocol,
     return Stream(initial, new, initial_images, update_sets, noise_pool, test_pixels)
 
 
-def corrupt(images: list[bytes], noise: float, pool: list[bytes], offset: int) -> list[bytes]:
-    """The paper's label noise: a share of the set replaced by images of other classes, labels kept."""
+def corrupt(images: list[bytes], noise: float, pool: list[bytes], nth_set: int) -> list[bytes]:
+    """The paper's label noise: a share of the set replaced by images of other classes, labels kept.
+
+    The nth set of a class takes the pool's images from n*k on, so that no two sets share one
+    (the pool holds 30 % of all sets of the class); before, the offset step*len(set) modulo the
+    pool reused 3, 6 or 9 distinct images per class at 10, 20 and 30 %."""
     k = round(noise * len(images))
-    return [pool[(offset + i) % len(pool)] for i in range(k)] + images[k:]
+    return [pool[(nth_set * k + i) % len(pool)] for i in range(k)] + images[k:]
 
 
 @torch.no_grad()
@@ -198,13 +203,14 @@ def run_setting(
     """Feed the repetition's update sets one step at a time; one row per step (step 0: the initial version)."""
     device = select_device(protocol.device)
     ledger = Ledger(engine_settings(home, protocol, repeat, setting))
-    rows = [Row("", setting.name, repeat, 0, "", len(stream.initial), start_accuracy, 1, "initial", 0, 0.0)]
+    rows = [Row("", setting.name, repeat, 0, "", len(stream.initial), start_accuracy, start_accuracy, 1, "initial", 0, 0.0)]
     known = list(stream.initial)
     seen = {"old": len(stream.initial_images), "new": 0}
     for step, (label, images) in enumerate(stream.update_sets, start=1):
         if label not in known:
             known.append(label)
-        images = corrupt(images, setting.noise, stream.noise_pool[label], step * len(images))
+        nth_set = sum(c == label for c, _ in stream.update_sets[: step - 1])
+        images = corrupt(images, setting.noise, stream.noise_pool[label], nth_set)
         current = ledger.snapshots.meta(ledger.snapshots.current())
         ledger.samples.add(images, [label] * len(images), known_classes=current.classes)
         settings = engine_settings(home, protocol, repeat, setting)
@@ -213,9 +219,11 @@ def run_setting(
         [result] = apply_pending_updates(settings)
         seen["old"] += len(images) if result.status == "applied" else 0
         accuracy = test_accuracy(ledger, known, stream.test, device)
+        initial_accuracy = test_accuracy(ledger, stream.initial, stream.test, device)
         rows.append(
             Row(
-                "", setting.name, repeat, step, label, len(known), accuracy, ledger.snapshots.current(), result.status,
+                "", setting.name, repeat, step, label, len(known), accuracy, initial_accuracy, ledger.snapshots.current(),
+                result.status,
                 result.metrics.get("iterations", 0), result.metrics.get("train_seconds", 0.0),
             )
         )
@@ -298,14 +306,14 @@ def plot_study(rows: list[Row], study: str, protocol: Protocol, path: Path) -> N
     for setting, per_step in curves(rows, study).items():
         steps = sorted(per_step)
         mean = [statistics.fmean(per_step[s]) for s in steps]
-        std = [statistics.pstdev(per_step[s]) for s in steps]
+        std = [statistics.stdev(per_step[s]) if len(per_step[s]) > 1 else 0.0 for s in steps]
         ax.plot(steps, mean, label=setting)
         ax.fill_between(steps, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)], alpha=0.2)
     for k in range(1, protocol.new_classes):
         ax.axvline(k * protocol.sets_per_class + 0.5, color="grey", lw=0.5, ls=":")
     ax.set_xlabel(f"update step (|U_t| = {protocol.set_size}; a new class every {protocol.sets_per_class} steps)")
     ax.set_ylabel("test accuracy on the classes known so far")
-    ax.set_title(f"{study}: {protocol.arch} at {protocol.image_size}px, mean ± std over {protocol.repeats} repetition(s)")
+    ax.set_title(f"{study}: {protocol.arch} at {protocol.image_size}px, mean ± sample SD over {protocol.repeats} repetition(s)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -314,12 +322,18 @@ def plot_study(rows: list[Row], study: str, protocol: Protocol, path: Path) -> N
 
 
 def mean_std(values: list[float]) -> str:
-    return f"{statistics.fmean(values):.3f} ± {statistics.pstdev(values):.3f}"
+    """Mean ± sample standard deviation over repetitions (no ± with one repetition)."""
+    if len(values) < 2:
+        return f"{statistics.fmean(values):.3f}"
+    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
 def largest_served_drop(run: list[Row]) -> float:
-    """Largest fall of test accuracy from one served version to the next."""
-    drops = [a.accuracy - b.accuracy for a, b in zip(run, run[1:]) if b.version != a.version]
+    """Largest fall of test accuracy on the initial classes (a fixed class set) from one step to
+    the next, over all steps: a rejected step serves the same version, so it counts as no drop
+    rather than being skipped; before, steps were compared on the classes known so far and only
+    where the version changed, which left out exactly the rejected steps."""
+    drops = [a.initial_accuracy - b.initial_accuracy for a, b in zip(run, run[1:])]
     return max(drops, default=0.0)
 
 
@@ -333,7 +347,8 @@ def results_table(rows: list[Row], studies: list[str], protocol: Protocol, secon
         f"{protocol.sets_per_class} update sets of {protocol.set_size}; accuracy on {protocol.eval_per_class} test "
         f"images per known class; {seconds / 60:.0f} minutes.",
         "",
-        "Final: after the last step. Mean: over all update steps, the initial model excluded. Both mean ± std over repetitions.",
+        "Final: after the last step. Mean: over all update steps, the initial model excluded. Both mean ± sample SD over "
+        "repetitions. Largest drop: of accuracy on the initial classes from one step to the next, over all steps.",
     ]
     for study in studies:
         lines += ["", f"## {study}", ""]

@@ -262,14 +262,7 @@ def apply_step(settings: Settings, ledger: Ledger, pending: list[UpdateSet], loc
     record: dict[str, dict[str, int]] = {}
     if parent is not None:
         before = Outcomes.of(predict_logits(model, old_holdout, device), old_holdout.labels, old_classes)
-        known = known_answers(before, ledger.snapshots.ancestors(parent.version), old_classes, settings.gate_holdout_per_class)
-        history = ledger.history()
-        factors = {u.update_id: relabel_factor(settings, history.get(u.update_id, [])) for u in pending}
-        sets, refused, record = screen_labels(model, known, sets, old_classes, factors, settings, device)
-        for s, verdict in refused:
-            log.warning("rejected update set %s before training: %s", s.update.update_id, verdict.reason)
-            metrics = {"gate": verdict.reason, "refused_by": "labels", "warm_start_from": parent.version}
-            results.append(record_outcome(ledger, [s.update], "rejected", verdict.reason, metrics))
+        sets, results, record = refuse_contradicting_sets(settings, ledger, model, parent, before, sets, device)
         if not sets:
             return results
 
@@ -292,13 +285,7 @@ def apply_step(settings: Settings, ledger: Ledger, pending: list[UpdateSet], loc
     stats = train_candidate(settings, model, old_train, new_train, new_holdout, base_weights, parent is None, device, generator)
 
     clock = time.perf_counter()
-    old_logits = predict_logits(model, old_holdout, device)
-    old_after = Outcomes.of(old_logits, old_holdout.labels, classes)
-    new_after = Outcomes.of(predict_logits(model, new_holdout, device), new_holdout.labels, classes)
-    kept = Outcomes.of(old_logits, old_holdout.labels, old_classes)  # read among the old classes only
-    verdict = check_training(stats.loss)
-    if verdict.passed:
-        verdict = check_old_knowledge(before, kept, settings.gate_max_old_drop, settings.gate_drop_alpha)
+    verdict, holdout_after = judge_candidate(settings, model, stats, before, old_holdout, new_holdout, old_classes, classes, device)
     metrics: dict[str, Any] = {
         "first_version": parent is None,
         "iterations": stats.iterations,
@@ -312,9 +299,7 @@ def apply_step(settings: Settings, ledger: Ledger, pending: list[UpdateSet], loc
         "warm_start_from": parent.version if parent else None,
         "seed": seed,
         "holdout_before": holdout_before,
-        "holdout_after": holdout_summary(old_after, new_after),
-        "holdout_after_per_class": per_class(Outcomes(old_after.true + new_after.true, old_after.predicted + new_after.predicted)),
-        "old_classes_apart": {"before": before.accuracy(), "after": kept.accuracy()},
+        **holdout_after,
         RECORD: record,
         "gate": verdict.reason,
         "load_seconds": load_seconds,
@@ -328,6 +313,44 @@ def apply_step(settings: Settings, ledger: Ledger, pending: list[UpdateSet], loc
         log.warning("rejected update set(s) %s: %s", [u.update_id for u in accepted], verdict.reason)
         return results + [record_outcome(ledger, accepted, "rejected", verdict.reason, metrics)]
     return results + [publish(settings, ledger, model, parent, classes, image_size, base_weights, accepted, metrics)]
+
+
+def refuse_contradicting_sets(
+    settings: Settings, ledger: Ledger, model: nn.Module, parent: SnapshotMeta, before: Outcomes,
+    sets: list[SetTensors], device: torch.device,
+) -> tuple[list[SetTensors], list[StepResult], dict[str, dict[str, int]]]:
+    """Gate check 1 against what the current version answers for each known class: the sets it
+    accepts, the refusals recorded, and its answers on the accepted sets (the record)."""
+    known = known_answers(before, ledger.snapshots.ancestors(parent.version), parent.classes, settings.gate_holdout_per_class)
+    history = ledger.history()
+    factors = {s.update.update_id: relabel_factor(settings, history.get(s.update.update_id, [])) for s in sets}
+    accepted, refused, record = screen_labels(model, known, sets, parent.classes, factors, settings, device)
+    results = []
+    for s, verdict in refused:
+        log.warning("rejected update set %s before training: %s", s.update.update_id, verdict.reason)
+        metrics = {"gate": verdict.reason, "refused_by": "labels", "warm_start_from": parent.version}
+        results.append(record_outcome(ledger, [s.update], "rejected", verdict.reason, metrics))
+    return accepted, results, record
+
+
+def judge_candidate(
+    settings: Settings, model: nn.Module, stats: TrainStats, before: Outcomes, old_holdout: SampleTensors,
+    new_holdout: SampleTensors, old_classes: list[str], classes: list[str], device: torch.device,
+) -> tuple[Verdict, dict[str, Any]]:
+    """Gate check 2: did training converge, and does the candidate still tell the old classes
+    apart? With the holdout figures of the candidate for the metrics."""
+    old_logits = predict_logits(model, old_holdout, device)
+    old_after = Outcomes.of(old_logits, old_holdout.labels, classes)
+    new_after = Outcomes.of(predict_logits(model, new_holdout, device), new_holdout.labels, classes)
+    kept = Outcomes.of(old_logits, old_holdout.labels, old_classes)  # read among the old classes only
+    verdict = check_training(stats.loss)
+    if verdict.passed:
+        verdict = check_old_knowledge(before, kept, settings.gate_max_old_drop, settings.gate_drop_alpha)
+    return verdict, {
+        "holdout_after": holdout_summary(old_after, new_after),
+        "holdout_after_per_class": per_class(Outcomes(old_after.true + new_after.true, old_after.predicted + new_after.predicted)),
+        "old_classes_apart": {"before": before.accuracy(), "after": kept.accuracy()},
+    }
 
 
 def replay_memory(
