@@ -204,6 +204,7 @@ def plot(report: dict, path: Path) -> None:
         ax.set_xscale("symlog", linthresh=0.001)
         ax.set_xlabel("clean sets refused")
         ax.set_ylabel("look-alike relabelled sets refused")
+        ax.set_ylim(0, 1.02)
         ax.set_title(f"{size} training images per class ({size // 10} holdout), {len(runs)} version(s)")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7, loc="lower right")

@@ -76,6 +76,18 @@ def test_one_image_answered_as_another_class_is_not_a_relabelled_set():
     assert not check_labels(long_record, slip, alpha=0.01, factor=10).passed
 
 
+def test_a_class_known_from_a_few_answers_is_not_judged_by_the_relabel_test():
+    # Dress learned from one set: one holdout answer. Dresses the version still answers as
+    # T-shirts and shirts are not evidence of a slip yet; with ten known answers they would be.
+    def known(dress_answers: int) -> Outcomes:
+        return outcomes(("T-shirt/top", "T-shirt/top", 20), ("T-shirt/top", "Shirt", 12), ("Dress", "Dress", dress_answers))
+
+    dresses = outcomes(("Dress", "T-shirt/top", 6), ("Dress", "Shirt", 4))
+    assert check_labels(known(1), dresses, alpha=0.0, factor=10).passed
+    verdict = check_labels(known(10), dresses, alpha=0.0, factor=10)
+    assert not verdict.passed and verdict.check == "relabel"
+
+
 def test_a_clean_set_of_a_look_alike_class_passes():
     # Shirts the version answers as it answers shirts, three of them as coats.
     assert check_labels(KNOWN, outcomes(("Shirt", "Shirt", 7), ("Shirt", "Coat", 3)), alpha=0.01, factor=10).passed

@@ -226,11 +226,12 @@ def test_the_label_check_reads_the_newest_answers_of_the_lineage_up_to_the_cap()
     assert read == [3, 2]
 
 
-def test_a_set_the_label_check_refused_must_be_explained_by_its_label_when_reconsidered(settings):
+def test_a_set_the_relabel_test_refused_must_be_explained_by_its_label_when_reconsidered(settings):
     from app.ledger import Attempt
     from worker.jobs import relabel_factor
 
-    refused = Attempt("rejected", 1.0, 3, "labels contradict", {"refused_by": "labels"})
+    refused = Attempt("rejected", 1.0, 3, "labels contradict", {"refused_by": "relabel"})
+    disagreed = Attempt("rejected", 1.0, 3, "labels contradict", {"refused_by": "agreement"})
     forgot = Attempt("rejected", 1.0, 3, "the candidate would forget", {})
     by_itself = Attempt("requeued", 2.0, 4, "reconsidered", {"automatic": True})
     by_request = Attempt("requeued", 2.0, 4, "retried on request", {"automatic": False})
@@ -239,4 +240,5 @@ def test_a_set_the_label_check_refused_must_be_explained_by_its_label_when_recon
     assert relabel_factor(settings, [refused, by_itself]) == 1.0  # hysteresis
     assert relabel_factor(settings, [refused, by_request]) == settings.gate_relabel_factor  # an annotator's call
     assert relabel_factor(settings, [forgot, by_itself]) == settings.gate_relabel_factor
+    assert relabel_factor(settings, [disagreed, by_itself]) == settings.gate_relabel_factor
     assert relabel_factor(settings.model_copy(update={"gate_relabel_factor": 0.0}), [refused, by_itself]) == 0.0

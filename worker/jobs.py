@@ -186,7 +186,7 @@ def per_class(outcomes: Outcomes) -> dict[str, float]:
 
 
 def relabel_factor(settings: Settings, attempts: list[Attempt]) -> float:
-    """The relabel test's threshold for a set. A set the label check refused and that is now
+    """The relabel test's threshold for a set. A set the relabel test refused and that is now
     reconsidered by itself must be explained by its label at least as well as by any other class
     (a factor below 1), not merely fall under the threshold once more: without this hysteresis a
     refused set gets up to WARMTUNE_RETRY_AUTO_MAX more draws, and in the stream benchmark two
@@ -194,7 +194,7 @@ def relabel_factor(settings: Settings, attempts: list[Attempt]) -> float:
     An annotator's retry is judged like a new set."""
     rejected = [a for a in attempts if a.status == "rejected"]
     reconsidered = bool(attempts) and attempts[-1].status == "requeued" and bool(attempts[-1].metrics.get("automatic"))
-    if reconsidered and rejected and rejected[-1].metrics.get("refused_by") == "labels":
+    if reconsidered and rejected and rejected[-1].metrics.get("refused_by") == "relabel":
         return min(settings.gate_relabel_factor, 1.0)
     return settings.gate_relabel_factor
 
@@ -328,7 +328,7 @@ def refuse_contradicting_sets(
     results = []
     for s, verdict in refused:
         log.warning("rejected update set %s before training: %s", s.update.update_id, verdict.reason)
-        metrics = {"gate": verdict.reason, "refused_by": "labels", "warm_start_from": parent.version}
+        metrics = {"gate": verdict.reason, "refused_by": verdict.check, "warm_start_from": parent.version}
         results.append(record_outcome(ledger, [s.update], "rejected", verdict.reason, metrics))
     return accepted, results, record
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
 
 from app.auth import require
+from app.routes.deps import LedgerDep, QueueDep, ServerDep
 from app.snapshots import SnapshotStore
 
 router = APIRouter(tags=["models"])
@@ -40,32 +41,30 @@ def list_models(snapshots: SnapshotStore) -> ModelsOut:
 
 
 @router.get("/models", response_model=ModelsOut, dependencies=[Depends(require("predict"))])
-async def get_models(request: Request) -> ModelsOut:
-    return await run_in_threadpool(list_models, request.app.state.ledger.snapshots)
+async def get_models(ledger: LedgerDep) -> ModelsOut:
+    return await run_in_threadpool(list_models, ledger.snapshots)
 
 
 @router.post("/models/{version}/promote", response_model=ModelsOut, dependencies=[Depends(require("admin"))])
-async def promote(request: Request, version: int) -> ModelsOut:
+async def promote(version: int, ledger: LedgerDep, server: ServerDep, queue: QueueDep) -> ModelsOut:
     """Make an existing version current; this replica loads and serves it before answering, the others follow."""
-    state = request.app.state
-    await state.server.promote(version)  # 409, and nothing moves, if it does not load here
-    await run_in_threadpool(state.queue.announce, version)
-    return await run_in_threadpool(list_models, state.ledger.snapshots)
+    await server.promote(version)  # 409, and nothing moves, if it does not load here
+    await run_in_threadpool(queue.announce, version)
+    return await run_in_threadpool(list_models, ledger.snapshots)
 
 
-async def set_pin(request: Request, version: int, pinned: bool) -> ModelsOut:
-    snapshots = request.app.state.ledger.snapshots
+async def set_pin(snapshots: SnapshotStore, version: int, pinned: bool) -> ModelsOut:
     await run_in_threadpool(snapshots.pin, version, pinned)
     return await run_in_threadpool(list_models, snapshots)
 
 
 @router.post("/models/{version}/pin", response_model=ModelsOut, dependencies=[Depends(require("admin"))])
-async def pin(request: Request, version: int) -> ModelsOut:
+async def pin(version: int, ledger: LedgerDep) -> ModelsOut:
     """Keep this version's weights whatever retention says (409 if they are already pruned)."""
-    return await set_pin(request, version, True)
+    return await set_pin(ledger.snapshots, version, True)
 
 
 @router.delete("/models/{version}/pin", response_model=ModelsOut, dependencies=[Depends(require("admin"))])
-async def unpin(request: Request, version: int) -> ModelsOut:
+async def unpin(version: int, ledger: LedgerDep) -> ModelsOut:
     """Let retention prune this version's weights again once it is old enough."""
-    return await set_pin(request, version, False)
+    return await set_pin(ledger.snapshots, version, False)

@@ -12,6 +12,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.auth import require
+from app.routes.deps import LedgerDep, MetricsDep, ServerDep
 
 router = APIRouter(tags=["ops"])
 any_key = [Depends(require(None))]
@@ -33,8 +34,8 @@ async def redoc() -> HTMLResponse:
 
 
 @router.get("/metrics", response_class=Response, dependencies=any_key)
-async def metrics(request: Request) -> Response:
-    body = await run_in_threadpool(generate_latest, request.app.state.metrics.registry)
+async def metrics(metrics: MetricsDep) -> Response:
+    body = await run_in_threadpool(generate_latest, metrics.registry)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
@@ -44,12 +45,11 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz")
-async def readyz(request: Request) -> JSONResponse:
+async def readyz(server: ServerDep, ledger: LedgerDep) -> JSONResponse:
     """Ready while a model serves, or while there is none yet and the first update can be taken."""
-    server = request.app.state.server
     if server.current is not None:
         return JSONResponse({"status": "ready", "model_version": server.current.version})
-    current = await run_in_threadpool(request.app.state.ledger.snapshots.current)
+    current = await run_in_threadpool(ledger.snapshots.current)
     if current is None:
         return JSONResponse({"status": "ready", "model_version": None, "detail": "no model yet: waiting for a first update"})
     # The reason is in the server log (app.serving logs it); probes answer anyone, so it stays there.

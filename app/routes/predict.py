@@ -10,6 +10,7 @@ from pydantic import BaseModel
 
 from app.auth import require
 from app.errors import InvalidParameter
+from app.routes.deps import MetricsDep, ServerDep, SettingsDep
 from app.routes.errors import status_of
 from app.routes.uploads import IMAGE_FILES, multipart_body, read_images
 from app.serving import Prediction
@@ -46,22 +47,23 @@ def prediction_out(p: Prediction) -> PredictionOut:
     openapi_extra=IMAGES_BODY,
     responses={503: {"description": "No model has any class yet"}},
 )
-async def predict(request: Request, top_k: int = 5) -> JSONResponse:
+async def predict(
+    request: Request, settings: SettingsDep, server: ServerDep, metrics: MetricsDep, top_k: int = 5
+) -> JSONResponse:
     """Top-k labels for each image, in input order, and the model version that produced them."""
-    state = request.app.state
     started = time.perf_counter()
     status, version = 500, None
     try:
-        if not 1 <= top_k <= state.settings.max_top_k:
-            raise InvalidParameter(f"top_k must be between 1 and {state.settings.max_top_k}, got {top_k}")
-        images = await read_images(request, state.settings)
-        pixels = await state.server.prepare_all(images)
-        version, predictions = await state.server.predict(pixels, top_k)
+        if not 1 <= top_k <= settings.max_top_k:
+            raise InvalidParameter(f"top_k must be between 1 and {settings.max_top_k}, got {top_k}")
+        images = await read_images(request, settings)
+        pixels = await server.prepare_all(images)
+        version, predictions = await server.predict(pixels, top_k)
         status = 200
     except Exception as exc:
         status = status_of(exc)
         raise
     finally:
-        state.metrics.predicted(status, version, started)
+        metrics.predicted(status, version, started)
     body = PredictResponse(model_version=version, predictions=[prediction_out(p) for p in predictions])
     return JSONResponse(body.model_dump(), headers={"X-Model-Version": str(version)})

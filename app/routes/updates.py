@@ -10,7 +10,8 @@ from pydantic import BaseModel
 
 from app.auth import require
 from app.errors import MalformedRequest
-from app.ledger import Status, UpdateStatus
+from app.ledger import Ledger, Status, UpdateStatus
+from app.routes.deps import LedgerDep, QueueDep, SettingsDep
 from app.routes.uploads import IMAGE_FILES, multipart_body, read_files, read_form
 
 router = APIRouter(tags=["updates"])
@@ -50,16 +51,18 @@ class UpdateStatusOut(BaseModel):
         return cls(**{**status.__dict__, "attempts": attempts})
 
 
-def known_classes(request: Request) -> list[str]:
-    snapshots = request.app.state.ledger.snapshots
-    current = snapshots.current()
-    return snapshots.meta(current).classes if current else []
+def known_classes(ledger: Ledger) -> list[str]:
+    current = ledger.snapshots.current()
+    return ledger.snapshots.meta(current).classes if current else []
 
 
 @router.post("/updates", status_code=202, response_model=UpdateAccepted, openapi_extra=UPDATE_BODY)
 async def post_update(
     request: Request,
     response: Response,
+    settings: SettingsDep,
+    ledger: LedgerDep,
+    queue: QueueDep,
     caller: str = Depends(require("annotate")),
     idempotency_key: str | None = Header(None, max_length=200),
 ) -> UpdateAccepted:
@@ -68,37 +71,36 @@ async def post_update(
     A repeated Idempotency-Key with the same payload answers with the stored set and its current
     status; with another payload, 409. Keys are scoped to the caller's API key.
     """
-    state = request.app.state
-    form = await read_form(request, state.settings)
+    form = await read_form(request, settings)
     try:
-        images = await read_files(form, "images", state.settings.max_images_per_request)
+        images = await read_files(form, "images", settings.max_images_per_request)
         labels = form.getlist("labels")
     finally:
         await form.close()
     if not all(isinstance(label, str) for label in labels):
         raise MalformedRequest("labels must be plain form fields, not files")
     update, created = await run_in_threadpool(
-        state.ledger.samples.add,
+        ledger.samples.add,
         [data for _, data in images],
         labels,
-        known_classes(request),
+        known_classes(ledger),
         idempotency_key,
         [name for name, _ in images],
         caller,
     )
     if created:
-        await run_in_threadpool(state.queue.submit)
+        await run_in_threadpool(queue.submit)
         status: Status = "queued"
     else:
-        status = (await run_in_threadpool(state.ledger.status, update.update_id)).status
+        status = (await run_in_threadpool(ledger.status, update.update_id)).status
     response.headers["Location"] = f"/updates/{update.update_id}"
     return UpdateAccepted(update_id=update.update_id, status=status, samples=len(update), new_classes=list(update.new_classes))
 
 
 @router.get("/updates/{update_id}", response_model=UpdateStatusOut, dependencies=[Depends(require("annotate"))])
-async def get_update(request: Request, update_id: str) -> UpdateStatusOut:
+async def get_update(update_id: str, ledger: LedgerDep) -> UpdateStatusOut:
     """Status of an update set, with the step's metrics (holdout accuracies, iterations, seconds) and every attempt."""
-    status = await run_in_threadpool(request.app.state.ledger.status, update_id)
+    status = await run_in_threadpool(ledger.status, update_id)
     return UpdateStatusOut.of(status)
 
 
@@ -108,10 +110,9 @@ async def get_update(request: Request, update_id: str) -> UpdateStatusOut:
     response_model=UpdateStatusOut,
     dependencies=[Depends(require("annotate"))],
 )
-async def retry_update(request: Request, response: Response, update_id: str) -> UpdateStatusOut:
+async def retry_update(response: Response, update_id: str, ledger: LedgerDep, queue: QueueDep) -> UpdateStatusOut:
     """Queue a rejected, failed or orphaned update set again (409 for any other)."""
-    state = request.app.state
-    await run_in_threadpool(state.ledger.requeue, update_id, "retried on request")
-    await run_in_threadpool(state.queue.submit)
+    await run_in_threadpool(ledger.requeue, update_id, "retried on request")
+    await run_in_threadpool(queue.submit)
     response.headers["Location"] = f"/updates/{update_id}"
-    return UpdateStatusOut.of(await run_in_threadpool(state.ledger.status, update_id))
+    return UpdateStatusOut.of(await run_in_threadpool(ledger.status, update_id))

@@ -1,0 +1,41 @@
+"""What the routes need from the running app, as FastAPI dependencies: one place that says where
+each comes from (the app's state, set up by app.api), so a route names what it uses."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from app.ledger import Ledger
+from app.metrics import Metrics
+from app.queue import UpdateQueue
+from app.serving import ModelServer
+from app.settings import Settings
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_ledger(request: Request) -> Ledger:
+    return request.app.state.ledger
+
+
+def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+def get_server(request: Request) -> ModelServer:
+    return request.app.state.server
+
+
+def get_queue(request: Request) -> UpdateQueue:
+    return request.app.state.queue
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+LedgerDep = Annotated[Ledger, Depends(get_ledger)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+ServerDep = Annotated[ModelServer, Depends(get_server)]
+QueueDep = Annotated[UpdateQueue, Depends(get_queue)]
