@@ -86,12 +86,12 @@ def beta_binomial_cdf(k: int, m: int, hits: int, n: int) -> float:
 
 
 def log_predictive(answers: Counter[str], seen: Counter[str], categories: int, prior: float) -> float:
-    """log P(a set's predictions | the predictions seen for one class on the holdout), up to a
-    factor that is the same for every class (the multinomial coefficient).
+    """log P(a set's answers | the answers seen for images of one class), up to a factor that is
+    the same for every class (the multinomial coefficient).
 
-    The Dirichlet-multinomial posterior predictive: the class's prediction rates are
-    Dirichlet(seen + prior) over `categories` outputs, so a class seen on a few holdout samples
-    predicts broadly and one seen on many predicts what it saw.
+    The Dirichlet-multinomial posterior predictive: the class's answer rates are
+    Dirichlet(seen + prior) over `categories` outputs, so a class seen on a few images predicts
+    broadly and one seen on many predicts what it saw.
     """
     total = sum(seen.values()) + prior * categories
     log_p = math.lgamma(total) - math.lgamma(total + sum(answers.values()))
@@ -158,9 +158,9 @@ def check_labels(known: Outcomes, incoming: Outcomes, alpha: float, factor: floa
     for label in dict.fromkeys(t for t, _ in checked):
         answers = [p for t, p in checked if t == label]
         seen = Counter(answers)
-        other, log_factor = relabel_evidence(known, label, answers)
-        judged = len(answers) >= RELABEL_MIN_IMAGES and known.true.count(label) >= RELABEL_MIN_KNOWN
-        if factor > 0 and judged and log_factor >= math.log(factor):
+        judged = factor > 0 and len(answers) >= RELABEL_MIN_IMAGES and known.true.count(label) >= RELABEL_MIN_KNOWN
+        other, log_factor = relabel_evidence(known, label, answers) if judged else (label, 0.0)
+        if judged and log_factor >= math.log(factor):
             return Verdict(
                 False,
                 f"labels contradict the current version: it answers "
