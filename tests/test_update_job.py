@@ -241,4 +241,6 @@ def test_a_set_the_relabel_test_refused_must_be_explained_by_its_label_when_reco
     assert relabel_factor(settings, [refused, by_request]) == settings.gate_relabel_factor  # an annotator's call
     assert relabel_factor(settings, [forgot, by_itself]) == settings.gate_relabel_factor
     assert relabel_factor(settings, [disagreed, by_itself]) == settings.gate_relabel_factor
+    # refused by the relabel test once, later by the check after training: still judged at 1
+    assert relabel_factor(settings, [refused, by_itself, forgot, by_itself]) == 1.0
     assert relabel_factor(settings.model_copy(update={"gate_relabel_factor": 0.0}), [refused, by_itself]) == 0.0

@@ -100,7 +100,9 @@ def log_predictive(answers: Counter[str], seen: Counter[str], categories: int, p
     return log_p
 
 
-def relabel_evidence(known: Outcomes, label: str, answers: Sequence[str], prior: float = 0.5) -> tuple[str, float]:
+def relabel_evidence(
+    known: Outcomes, label: str, answers: Sequence[str], prior: float = 0.5, min_known: int = 0
+) -> tuple[str, float]:
     """The known class whose recorded answers explain a set labelled `label` best, and the log
     Bayes factor of that class against `label` (how much likelier the set's answers are if its
     images were of that class than if they were of `label`).
@@ -108,16 +110,19 @@ def relabel_evidence(known: Outcomes, label: str, answers: Sequence[str], prior:
     If the version answers images of `label` as its record says, the expected factor of each
     other class is 1, so a factor >= k comes by chance with probability at most 1/k per class
     (Markov's inequality); how often it does in practice is measured by bench/label_check.py.
+    Only classes with at least min_known answers compete with `label`: a class seen once
+    predicts broadly and says little about any set.
     """
     profiles: dict[str, Counter[str]] = {}
     for t, p in zip(known.true, known.predicted, strict=True):
         profiles.setdefault(t, Counter())[p] += 1
-    if label not in profiles or len(profiles) < 2:
+    rivals = [c for c, seen in profiles.items() if c != label and sum(seen.values()) >= min_known]
+    if label not in profiles or not rivals:
         return label, 0.0
     categories = len(set(known.true) | set(known.predicted) | set(answers))
     counts = Counter(answers)
     log_p = {c: log_predictive(counts, seen, categories, prior) for c, seen in profiles.items()}
-    other = max((c for c in profiles if c != label), key=log_p.__getitem__)
+    other = max(rivals, key=log_p.__getitem__)
     return other, log_p[other] - log_p[label]
 
 
@@ -126,7 +131,8 @@ def relabel_evidence(known: Outcomes, label: str, answers: Sequence[str], prior:
 # of known classes, 1 or 2 images per label, were refused that way 3 times in 57 sets); a slip
 # that mislabels a few images is left to the agreement test and the check after training.
 RELABEL_MIN_IMAGES = 5
-# ... and this many known answers for the label. A class learned from one set has a holdout image
+# ... and this many known answers for the label and for any class it is compared with. A class
+# learned from one set has a holdout image
 # or two and no record yet (the version had no output for it then), so any sharply known class
 # whose answers the set resembles "explains" it better; at 64 px AlexNet's second to fourth sets
 # of Dress were all refused that way in the stream benchmark, and Dress was never learned.
@@ -136,14 +142,16 @@ RELABEL_MIN_KNOWN = 10
 def check_labels(known: Outcomes, incoming: Outcomes, alpha: float, factor: float) -> Verdict:
     """Refuse a set whose labels of known classes contradict the current version beyond chance.
 
-    known: what the current version answers for images of each known class: its answers on the
-    old holdout and the lineage's record of answers on accepted images before training on them.
+    known: what the lineage answers for images of each known class: the current version's
+    answers on the old holdout, and its ancestors' recorded answers on accepted images before
+    training on them (older versions, so the record lags behind what the current one knows).
     incoming: the current version's answers on the set's images, with the set's labels as true labels.
     For each label of a known class, two tests of the images given that label:
 
     - relabel: another known class explains the answers at least `factor` times better than the
       label does (a Bayes factor; a known class labelled as another, the usual slip), for labels
-      with at least RELABEL_MIN_IMAGES images in the set and RELABEL_MIN_KNOWN known answers;
+      with at least RELABEL_MIN_IMAGES images in the set, among classes with at least
+      RELABEL_MIN_KNOWN known answers;
     - agreement: the answers agree with the label less often than the version's recall of it
       explains, one-sided at alpha (beta-binomial: the record's size sets how far it is trusted;
       many wrong labels).
@@ -159,7 +167,7 @@ def check_labels(known: Outcomes, incoming: Outcomes, alpha: float, factor: floa
         answers = [p for t, p in checked if t == label]
         seen = Counter(answers)
         judged = factor > 0 and len(answers) >= RELABEL_MIN_IMAGES and known.true.count(label) >= RELABEL_MIN_KNOWN
-        other, log_factor = relabel_evidence(known, label, answers) if judged else (label, 0.0)
+        other, log_factor = relabel_evidence(known, label, answers, min_known=RELABEL_MIN_KNOWN) if judged else (label, 0.0)
         if judged and log_factor >= math.log(factor):
             return Verdict(
                 False,

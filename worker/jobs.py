@@ -186,15 +186,14 @@ def per_class(outcomes: Outcomes) -> dict[str, float]:
 
 
 def relabel_factor(settings: Settings, attempts: list[Attempt]) -> float:
-    """The relabel test's threshold for a set. A set the relabel test refused and that is now
+    """The relabel test's threshold for a set. A set the relabel test ever refused and that is now
     reconsidered by itself must be explained by its label at least as well as by any other class
     (a factor below 1), not merely fall under the threshold once more: without this hysteresis a
     refused set gets up to WARMTUNE_RETRY_AUTO_MAX more draws, and in the stream benchmark two
     poisoned sets (shirts labelled T-shirt/top, pullovers labelled Coat) passed on one of them.
     An annotator's retry is judged like a new set."""
-    rejected = [a for a in attempts if a.status == "rejected"]
     reconsidered = bool(attempts) and attempts[-1].status == "requeued" and bool(attempts[-1].metrics.get("automatic"))
-    if reconsidered and rejected and rejected[-1].metrics.get("refused_by") == "relabel":
+    if reconsidered and any(a.status == "rejected" and a.metrics.get("refused_by") == "relabel" for a in attempts):
         return min(settings.gate_relabel_factor, 1.0)
     return settings.gate_relabel_factor
 
@@ -223,9 +222,10 @@ def screen_labels(
 
 
 def known_answers(holdout: Outcomes, lineage: Iterable[SnapshotMeta], classes: list[str], per_class: int) -> Outcomes:
-    """What the current version answers for each known class: its answers on the old holdout, and
-    the lineage's record of answers on accepted images before training on them, newest first, up
-    to about per_class images of each class from the record (so a long history is not read)."""
+    """What the lineage answers for each known class: the current version's answers on the old
+    holdout, and each version's record of its parent's answers on the images it accepted, before
+    training on them, newest first, up to about per_class images of each class from the record
+    (so a long history is not read)."""
     true, predicted = list(holdout.true), list(holdout.predicted)
     taken: Counter[str] = Counter()
     for meta in lineage:
@@ -300,7 +300,6 @@ def apply_step(settings: Settings, ledger: Ledger, pending: list[UpdateSet], loc
         "seed": seed,
         "holdout_before": holdout_before,
         **holdout_after,
-        RECORD: record,
         "gate": verdict.reason,
         "load_seconds": load_seconds,
         "train_seconds": stats.seconds,
@@ -312,6 +311,8 @@ def apply_step(settings: Settings, ledger: Ledger, pending: list[UpdateSet], loc
     if not verdict.passed:
         log.warning("rejected update set(s) %s: %s", [u.update_id for u in accepted], verdict.reason)
         return results + [record_outcome(ledger, accepted, "rejected", verdict.reason, metrics)]
+    # The record goes with the published version only: the label checks read it from the lineage.
+    metrics[RECORD] = record
     return results + [publish(settings, ledger, model, parent, classes, image_size, base_weights, accepted, metrics)]
 
 
