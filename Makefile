@@ -1,4 +1,5 @@
 # make test: install everything (Debian packages, .venv with pinned Python packages) and run the tests.
+# make test-labelstudio: warmtune as the ML backend of a real Label Studio (its own virtualenv, about 3 minutes).
 # make demo: install, then run the end-to-end demo on Fashion-MNIST.
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -8,8 +9,11 @@ STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEBIAN_PACKAGES := dataset-fashion-mnist redis-server docker-compose prometheus
 REDIS_PORT ?= 6379
+# Label Studio's Django stack has no place in warmtune's environment: it gets its own.
+LABELSTUDIO_VENV := .venv-labelstudio
+LABELSTUDIO_STAMP := $(LABELSTUDIO_VENV)/.installed
 
-.PHONY: install system-deps redis test demo bench bench-stream bench-history bench-label-check experiment clean
+.PHONY: install system-deps redis test test-labelstudio labelstudio-screenshot demo bench bench-stream bench-history bench-label-check experiment clean
 
 install: system-deps $(STAMP)
 
@@ -35,6 +39,21 @@ redis:
 test: install redis
 	$(BIN)/pytest -q
 
+$(LABELSTUDIO_STAMP): integration/labelstudio-constraints.txt
+	$(PYTHON) -m venv $(LABELSTUDIO_VENV)
+	$(LABELSTUDIO_VENV)/bin/pip install -q --disable-pip-version-check -c $< label-studio==1.23.2
+	touch $@
+
+test-labelstudio: install redis $(LABELSTUDIO_STAMP)
+	WARMTUNE_TEST_LABELSTUDIO=$(LABELSTUDIO_VENV)/bin/label-studio $(BIN)/pytest -q integration
+
+# The README's screenshot of a task pre-annotated by warmtune (Debian's Chromium, playwright in Label Studio's venv).
+labelstudio-screenshot: install redis $(LABELSTUDIO_STAMP)
+	@dpkg -s chromium >/dev/null 2>&1 || $(SUDO) apt-get install -y -q chromium
+	$(LABELSTUDIO_VENV)/bin/pip install -q --disable-pip-version-check playwright==1.65.2
+	WARMTUNE_SCREENSHOT=$(CURDIR)/docs/label-studio-task.png WARMTUNE_TEST_LABELSTUDIO=$(LABELSTUDIO_VENV)/bin/label-studio \
+		$(BIN)/pytest -q integration
+
 demo: install
 	$(BIN)/warmtune demo
 
@@ -59,4 +78,4 @@ experiment: install
 	$(BIN)/warmtune experiment --study all --quick --out var/experiment-quick
 
 clean:
-	rm -rf $(VENV) var .pytest_cache
+	rm -rf $(VENV) $(LABELSTUDIO_VENV) var .pytest_cache

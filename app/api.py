@@ -14,10 +14,11 @@ from fastapi.responses import Response
 
 from app.auth import browser_request_refusal, roles_by_digest
 from app.errors import Forbidden, WarmtuneError
+from app.labelstudio import AnnotationIndex, LabelStudioClient
 from app.ledger import Ledger
 from app.metrics import Metrics
 from app.queue import EmbeddedQueue, RedisQueue, UpdateJob, UpdateQueue
-from app.routes import models, ops, predict, updates
+from app.routes import labelstudio, models, ops, predict, updates
 from app.routes.errors import domain_error, error_response, validation_error
 from app.serving import ModelServer
 from app.settings import Settings, get_settings
@@ -103,9 +104,11 @@ def create_app(update_job: UpdateJob, settings: Settings | None = None) -> FastA
     app.state.ledger = Ledger(settings)
     app.state.metrics = Metrics()
     app.state.metrics.watch_ledger(app.state.ledger)
+    app.state.labelstudio = LabelStudioClient(settings)
+    app.state.annotation_index = AnnotationIndex(settings.home / "labelstudio")
     app.add_exception_handler(WarmtuneError, domain_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.middleware("http")(refuse_browser_requests)
-    for module in (predict, updates, models, ops):
+    for module in (predict, updates, models, ops, labelstudio):
         app.include_router(module.router)
     return app

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
+from contextlib import suppress
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
@@ -25,6 +27,18 @@ def roles_by_digest(keys: dict[str, list[Role]]) -> dict[str, list[Role]]:
     return {key_digest(key): roles for key, roles in keys.items()}
 
 
+def presented_key(authorization: str) -> str:
+    """The API key of an Authorization header: a bearer key, or the password of basic auth (what
+    Label Studio sends to an ML backend); "" if there is none."""
+    scheme, _, credentials = authorization.partition(" ")
+    if scheme.lower() == "bearer":
+        return credentials.strip()
+    if scheme.lower() == "basic":
+        with suppress(ValueError):
+            return base64.b64decode(credentials.strip(), validate=True).decode().partition(":")[2]
+    return ""
+
+
 def require(role: Role | None) -> Callable[[Request], Awaitable[str]]:
     """A FastAPI dependency that admits a request whose bearer key has the role (None: any valid key).
 
@@ -35,9 +49,9 @@ def require(role: Role | None) -> Callable[[Request], Awaitable[str]]:
         roles_by_digest = request.app.state.roles_by_digest
         if not roles_by_digest:
             return ""
-        scheme, _, key = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not key:
-            raise Unauthorized("missing bearer key: send 'Authorization: Bearer <key>'")
+        key = presented_key(request.headers.get("authorization", ""))
+        if not key:
+            raise Unauthorized("missing API key: send 'Authorization: Bearer <key>' (or basic auth with the key as password)")
         caller = key_digest(key)
         roles = roles_by_digest.get(caller)
         if roles is None:

@@ -67,8 +67,7 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
     classes = args.classes.split(",") if args.classes else source.classes
     rng = random.Random(args.seed)
     ledger = Ledger(settings)
-    current = ledger.snapshots.current()
-    known = ledger.snapshots.meta(current).classes if current else []
+    known = ledger.classes()
     images: list[bytes] = []
     labels: list[str] = []
     for label in classes:

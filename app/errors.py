@@ -96,3 +96,11 @@ class LineageMoved(WarmtuneError):
 
 class LockLost(WarmtuneError):
     """The lineage lock's lease ran out while its holder still worked."""
+
+
+class InvalidLabelConfig(WarmtuneError):
+    """A Label Studio labelling config that is not one image with one single-choice class."""
+
+
+class LabelStudioUnavailable(WarmtuneError):
+    """Label Studio could not be reached, refused warmtune's token, or is not configured."""

@@ -3,8 +3,10 @@
 Each set's attempts are the versions that list it and the outcome records that name it (rejected,
 failed, queued again). A set is applied when a version in the current version's lineage lists it,
 orphaned when only versions a promote abandoned do, rejected or failed when its last attempt says
-so, running while a live job says it is working on it, and queued otherwise. A set whose file
-cannot be read is quarantined: moved aside, with its reason, and left out of every step.
+so, running while a live job says it is working on it, and queued otherwise. A set withdrawn by
+its source (a label changed or deleted in Label Studio) is withdrawn until restored: out of the
+replay memory and of every step, its file kept. A set whose file cannot be read is quarantined:
+moved aside, with its reason, and left out of every step.
 """
 
 from __future__ import annotations
@@ -21,16 +23,19 @@ from app.samples import SampleStore, UpdateSet
 from app.settings import Settings
 from app.snapshots import Outcome, SnapshotStore
 
-Status = Literal["queued", "running", "applied", "rejected", "failed", "orphaned", "quarantined"]
-STATUSES: tuple[Status, ...] = ("queued", "running", "applied", "rejected", "failed", "orphaned", "quarantined")
+Status = Literal["queued", "running", "applied", "rejected", "failed", "orphaned", "withdrawn", "quarantined"]
+STATUSES: tuple[Status, ...] = (
+    "queued", "running", "applied", "rejected", "failed", "orphaned", "withdrawn", "quarantined"
+)
 RETRYABLE: tuple[Status, ...] = ("rejected", "failed", "orphaned")
 
 
 @dataclass(frozen=True)
 class Attempt:
-    """One thing that happened to an update set: applied in a version, rejected, failed, or queued again."""
+    """One thing that happened to an update set: applied in a version, rejected, failed, queued again, or
+    withdrawn by its source."""
 
-    status: Literal["applied", "rejected", "failed", "requeued"]
+    status: Literal["applied", "rejected", "failed", "requeued", "withdrawn"]
     at: float
     model_version: int | None  # the version it was applied in, or judged against
     reason: str | None
@@ -62,7 +67,12 @@ def settle(attempts: list[Attempt], lineage: set[int]) -> tuple[Status, Attempt 
 
     Applied means applied in a version the current one descends from: the set is in its replay
     memory. A set applied only on a branch a promote abandoned is orphaned, until it is retried.
+    A withdrawal holds until a later requeue restores the set, even over a version that applied it
+    meanwhile (the step had read it before it was withdrawn).
     """
+    last_say = next((a for a in reversed(attempts) if a.status in ("withdrawn", "requeued")), None)
+    if last_say is not None and last_say.status == "withdrawn":
+        return "withdrawn", last_say
     for attempt in attempts:
         if attempt.status == "applied" and attempt.model_version in lineage:
             return "applied", attempt
@@ -156,8 +166,16 @@ class Ledger:
         return sets
 
     def replay_sets(self, version: int | None) -> list[UpdateSet]:
-        """The update sets a version was trained on: its own and its ancestors' (the replay memory)."""
-        return self.readable([update_id for meta in reversed(self.snapshots.lineage(version)) for update_id in meta.update_ids])
+        """The update sets a version was trained on, its own and its ancestors' (the replay memory),
+        less those their source has withdrawn since."""
+        settled = self.settled()
+        lineage_ids = [update_id for meta in reversed(self.snapshots.lineage(version)) for update_id in meta.update_ids]
+        return self.readable([u for u in lineage_ids if settled.get(u, ("queued", None))[0] != "withdrawn"])
+
+    def classes(self) -> list[str]:
+        """The classes of the current version (none before the first)."""
+        current = self.snapshots.current()
+        return self.snapshots.meta(current).classes if current else []
 
     def status(self, update_id: str) -> UpdateStatus:
         try:
@@ -197,16 +215,7 @@ class Ledger:
             raise NotRetryable(
                 f"update set {update_id} is {status}; only {', '.join(RETRYABLE)} sets can be retried"
             )
-        self.snapshots.record_outcome(
-            Outcome(
-                outcome_id=uuid.uuid4().hex,
-                status="requeued",
-                parent=self.snapshots.current(),
-                update_ids=[update_id],
-                reason=reason,
-                metrics={"automatic": automatic},
-            )
-        )
+        self._record(update_id, "requeued", reason, automatic)
 
     def reconsider_rejected(self, version: int, max_automatic: int) -> list[str]:
         """Queue again the rejected sets that share a class with what this new version applied.
@@ -228,6 +237,33 @@ class Ledger:
                 requeued.append(update.update_id)
         return requeued
 
+    # Withdrawing: the source of a set took its label back (edited or deleted it)
+
+    def withdraw(self, update_id: str, reason: str) -> None:
+        """Take a set out of the replay memory and of every later step; its file and history stay."""
+        if self.status(update_id).status != "withdrawn":
+            self._record(update_id, "withdrawn", reason)
+
+    def restore(self, update_id: str, reason: str) -> bool:
+        """Undo a withdrawal: the set is applied again if its version is in the lineage, else queued.
+        Returns whether it was withdrawn."""
+        if self.status(update_id).status != "withdrawn":
+            return False
+        self._record(update_id, "requeued", reason)
+        return True
+
+    def _record(self, update_id: str, status: Literal["requeued", "withdrawn"], reason: str, automatic: bool = False) -> None:
+        self.snapshots.record_outcome(
+            Outcome(
+                outcome_id=uuid.uuid4().hex,
+                status=status,
+                parent=self.snapshots.current(),
+                update_ids=[update_id],
+                reason=reason,
+                metrics={"automatic": automatic} if status == "requeued" else {},
+            )
+        )
+
     # The running marker: transient, and it expires by itself if its job dies.
 
     def mark_running(self, update_ids: list[str], lease_s: float) -> None:
@@ -247,5 +283,5 @@ class Ledger:
     def last_step(self) -> LastStep | None:
         """The most recent update step's outcome: a published version, or a rejected or failed step."""
         steps = [LastStep("applied", self.snapshots.meta(v).created_at) for v in self.snapshots.versions()[-1:]]
-        steps += [LastStep(o.status, o.created_at) for o in self.snapshots.outcomes() if o.status != "requeued"][-1:]
+        steps += [LastStep(o.status, o.created_at) for o in self.snapshots.outcomes() if o.status in ("rejected", "failed")][-1:]
         return max(steps, key=lambda s: s.created_at, default=None)

@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Role = Literal["predict", "annotate", "admin"]
@@ -142,6 +142,19 @@ class Settings(BaseSettings):
     api_keys: dict[str, list[Role]] = Field(
         default_factory=dict,
         description='Bearer keys and their roles, JSON: {"key": ["predict", "annotate", "admin"]}. Empty: loopback only.',
+    )
+
+    # Label Studio as the annotation front end (app.labelstudio)
+    labelstudio_url: str | None = Field(
+        None,
+        description="Base URL of the Label Studio that uses warmtune as its ML backend; task images are fetched from "
+        "there only. Unset: the /labelstudio routes answer 503.",
+    )
+    labelstudio_token: SecretStr | None = Field(
+        None, description="Label Studio API token that task images are fetched with (sent as 'Authorization: Token ...')."
+    )
+    labelstudio_timeout_s: float = Field(
+        30.0, gt=0, description="Longest wait for Label Studio when fetching a task image or the project's annotations."
     )
 
     # Distributed mode

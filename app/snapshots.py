@@ -50,10 +50,11 @@ class SnapshotMeta(BaseModel):
 
 
 class Outcome(BaseModel):
-    """What became of update sets beside being published: rejected by the gate, failed, or queued again."""
+    """What became of update sets beside being published: rejected by the gate, failed, queued again, or
+    withdrawn by their source."""
 
     outcome_id: str
-    status: Literal["rejected", "failed", "requeued"]
+    status: Literal["rejected", "failed", "requeued", "withdrawn"]
     parent: int | None
     update_ids: list[str]
     reason: str

@@ -3,9 +3,11 @@
 import os
 import time
 
+import pytest
 import torch
 from imagegen import make_set
 
+from app.errors import NotRetryable
 from app.ledger import Ledger
 from app.snapshots import Outcome, SnapshotMeta
 
@@ -36,3 +38,28 @@ def test_status_follows_each_change_made_by_another_process_while_lookups_are_ca
     third = worker.samples.add(*make_set({"red": 2}, seed=3))[0].update_id
     age(api.samples.root)
     assert third in api.samples.ids() and api.counts()["queued"] == 1
+
+
+def test_a_withdrawn_set_stays_out_of_the_replay_memory_until_restored_even_if_a_step_applied_it(settings):
+    ledger = Ledger(settings)
+    keep, take_back = [ledger.samples.add(*make_set({"red": 2}, seed=s))[0].update_id for s in (1, 2)]
+    ledger.withdraw(take_back, "annotation 3 of task 1 now says 'blue'")
+    assert ledger.status(take_back).status == "withdrawn"
+    assert [u.update_id for u in ledger.pending()] == [keep]
+
+    # a step that read both sets before the withdrawal publishes them: the withdrawal holds
+    meta = SnapshotMeta(version=0, parent=None, classes=["red"], arch="resnet18", image_size=32, base_weights="none",
+                        update_ids=[keep, take_back])
+    version = ledger.snapshots.publish({"w": torch.zeros(1)}, meta)
+    status = ledger.status(take_back)
+    assert status.status == "withdrawn" and "now says 'blue'" in status.error
+    assert [a.status for a in status.attempts] == ["withdrawn", "applied"]
+    assert [u.update_id for u in ledger.replay_sets(version)] == [keep]
+    assert ledger.counts()["withdrawn"] == 1 and ledger.counts()["applied"] == 1
+    with pytest.raises(NotRetryable, match="is withdrawn"):
+        ledger.requeue(take_back, "retried on request")
+
+    assert ledger.restore(take_back, "the label is 'red' again")
+    assert ledger.status(take_back).status == "applied"  # its version is in the lineage
+    assert [u.update_id for u in ledger.replay_sets(version)] == [keep, take_back]
+    assert not ledger.restore(take_back, "twice")

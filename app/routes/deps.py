@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from app.labelstudio import AnnotationIndex, LabelStudioClient
 from app.ledger import Ledger
 from app.metrics import Metrics
 from app.queue import UpdateQueue
@@ -34,8 +35,18 @@ def get_queue(request: Request) -> UpdateQueue:
     return request.app.state.queue
 
 
+def get_labelstudio(request: Request) -> LabelStudioClient:
+    return request.app.state.labelstudio
+
+
+def get_annotation_index(request: Request) -> AnnotationIndex:
+    return request.app.state.annotation_index
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 LedgerDep = Annotated[Ledger, Depends(get_ledger)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 ServerDep = Annotated[ModelServer, Depends(get_server)]
 QueueDep = Annotated[UpdateQueue, Depends(get_queue)]
+LabelStudioDep = Annotated[LabelStudioClient, Depends(get_labelstudio)]
+AnnotationIndexDep = Annotated[AnnotationIndex, Depends(get_annotation_index)]

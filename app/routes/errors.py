@@ -10,9 +10,11 @@ from app.errors import (
     Forbidden,
     IdempotencyConflict,
     InvalidImage,
+    InvalidLabelConfig,
     InvalidLabel,
     InvalidParameter,
     InvalidUpdate,
+    LabelStudioUnavailable,
     MalformedRequest,
     NoModel,
     NotRetryable,
@@ -45,6 +47,8 @@ HTTP_STATUS: dict[type[WarmtuneError], int] = {
     InvalidImage: 422,
     InvalidLabel: 422,
     InvalidUpdate: 422,
+    InvalidLabelConfig: 422,
+    LabelStudioUnavailable: 503,
     NoModel: 503,
 }
 

@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from app.auth import require
 from app.errors import MalformedRequest
-from app.ledger import Ledger, Status, UpdateStatus
+from app.ledger import Status, UpdateStatus
 from app.routes.deps import LedgerDep, QueueDep, SettingsDep
 from app.routes.uploads import IMAGE_FILES, multipart_body, read_files, read_form
 
@@ -29,7 +29,7 @@ class UpdateAccepted(BaseModel):
 
 
 class AttemptOut(BaseModel):
-    status: Literal["applied", "rejected", "failed", "requeued"]
+    status: Literal["applied", "rejected", "failed", "requeued", "withdrawn"]
     at: float
     model_version: int | None
     reason: str | None
@@ -49,11 +49,6 @@ class UpdateStatusOut(BaseModel):
     def of(cls, status: UpdateStatus) -> UpdateStatusOut:
         attempts = [AttemptOut(**a.as_dict()) for a in status.attempts]
         return cls(**{**status.__dict__, "attempts": attempts})
-
-
-def known_classes(ledger: Ledger) -> list[str]:
-    current = ledger.snapshots.current()
-    return ledger.snapshots.meta(current).classes if current else []
 
 
 @router.post("/updates", status_code=202, response_model=UpdateAccepted, openapi_extra=UPDATE_BODY)
@@ -83,7 +78,7 @@ async def post_update(
         ledger.samples.add,
         [data for _, data in images],
         labels,
-        known_classes(ledger),
+        ledger.classes(),
         idempotency_key,
         [name for name, _ in images],
         caller,

@@ -5,7 +5,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+from typing import TypeVar
+
 from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
@@ -88,6 +92,19 @@ async def read_files(form: FormData, field: str, limit: int) -> list[tuple[str, 
         name = f"{field}[{i}]" + (f" ({part.filename})" if part.filename else "")
         files.append((name, await part.read()))
     return files
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+async def read_json(request: Request, settings: Settings, model: type[M]) -> M:
+    """A JSON body within the size and time limits, validated as model (422 in FastAPI's shape otherwise)."""
+    body = b"".join([chunk async for chunk in limited_body(request, settings.max_request_bytes, settings.body_timeout_s)])
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_input=False)
+        raise RequestValidationError([e | {"loc": ("body", *e["loc"])} for e in errors]) from None
 
 
 async def read_images(request: Request, settings: Settings) -> list[tuple[str, bytes]]:
