@@ -9,12 +9,14 @@ from contextlib import asynccontextmanager, suppress
 from functools import partial
 
 from fastapi import FastAPI, Request
+from starlette.datastructures import State
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 
 from app.auth import browser_request_refusal, roles_by_digest
 from app.errors import Forbidden, WarmtuneError
-from app.labelstudio import AnnotationIndex, LabelStudioClient
+from app.labelstudio.annotations import AnnotationIndex, retry_failed
+from app.labelstudio.client import LabelStudioClient
 from app.ledger import Ledger
 from app.metrics import Metrics
 from app.queue import EmbeddedQueue, RedisQueue, UpdateJob, UpdateQueue
@@ -54,6 +56,17 @@ async def poll(server: ModelServer, queue: UpdateQueue, ledger: Ledger, interval
             log.exception("polling the stores failed")
 
 
+async def retry_annotations(state: State, interval_s: float) -> None:
+    """Label Studio sends each event once: an annotation whose image it could not give is tried again here."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            if await retry_failed(state.ledger, state.annotation_index, state.labelstudio):
+                await asyncio.to_thread(state.queue.submit)
+        except Exception:
+            log.exception("retrying Label Studio annotations failed")
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state = app.state
@@ -64,6 +77,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         asyncio.create_task(state.server.run_batches(), name="batcher"),
         asyncio.create_task(poll(state.server, state.queue, state.ledger, state.settings.poll_interval_s), name="poller"),
     ]
+    if state.settings.labelstudio_url:
+        tasks.append(asyncio.create_task(retry_annotations(state, state.settings.labelstudio_retry_s), name="labelstudio-retry"))
     state.queue.start()
     log.info("serving version %s; updates run %s", state.server.served_version, type(state.queue).__name__)
     try:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from contextlib import suppress
 from collections.abc import Awaitable, Callable
+from contextlib import suppress
 from urllib.parse import urlsplit
 
 from fastapi import Request
@@ -27,21 +27,23 @@ def roles_by_digest(keys: dict[str, list[Role]]) -> dict[str, list[Role]]:
     return {key_digest(key): roles for key, roles in keys.items()}
 
 
-def presented_key(authorization: str) -> str:
-    """The API key of an Authorization header: a bearer key, or the password of basic auth (what
-    Label Studio sends to an ML backend); "" if there is none."""
+def presented_key(authorization: str, basic: bool) -> str:
+    """The API key of an Authorization header: a bearer key, or where basic is allowed the password
+    of basic auth (what Label Studio sends an ML backend); "" if there is none."""
     scheme, _, credentials = authorization.partition(" ")
     if scheme.lower() == "bearer":
         return credentials.strip()
-    if scheme.lower() == "basic":
+    if basic and scheme.lower() == "basic":
         with suppress(ValueError):
             return base64.b64decode(credentials.strip(), validate=True).decode().partition(":")[2]
     return ""
 
 
-def require(role: Role | None) -> Callable[[Request], Awaitable[str]]:
+def require(role: Role | None, basic: bool = False) -> Callable[[Request], Awaitable[str]]:
     """A FastAPI dependency that admits a request whose bearer key has the role (None: any valid key).
 
+    basic: also take the key as the password of basic auth. Only for Label Studio's routes:
+    browsers remember basic credentials and send them to any page's requests, bearer keys not.
     It returns the caller: a digest of its key, or "" when no keys are configured.
     """
 
@@ -49,9 +51,9 @@ def require(role: Role | None) -> Callable[[Request], Awaitable[str]]:
         roles_by_digest = request.app.state.roles_by_digest
         if not roles_by_digest:
             return ""
-        key = presented_key(request.headers.get("authorization", ""))
+        key = presented_key(request.headers.get("authorization", ""), basic)
         if not key:
-            raise Unauthorized("missing API key: send 'Authorization: Bearer <key>' (or basic auth with the key as password)")
+            raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'" + (" (or basic auth, the key as password)" if basic else ""))
         caller = key_digest(key)
         roles = roles_by_digest.get(caller)
         if roles is None:

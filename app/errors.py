@@ -45,7 +45,7 @@ class UnsupportedMediaType(WarmtuneError):
 
 
 class Unauthorized(WarmtuneError):
-    """No bearer key, or one that is not configured."""
+    """No API key (bearer; on Label Studio's routes also basic auth), or one that is not configured."""
 
     headers = {"WWW-Authenticate": 'Bearer realm="warmtune"'}
 

@@ -33,9 +33,9 @@ RETRYABLE: tuple[Status, ...] = ("rejected", "failed", "orphaned")
 @dataclass(frozen=True)
 class Attempt:
     """One thing that happened to an update set: applied in a version, rejected, failed, queued again, or
-    withdrawn by its source."""
+    withdrawn by its source and restored."""
 
-    status: Literal["applied", "rejected", "failed", "requeued", "withdrawn"]
+    status: Literal["applied", "rejected", "failed", "requeued", "withdrawn", "restored"]
     at: float
     model_version: int | None  # the version it was applied in, or judged against
     reason: str | None
@@ -67,12 +67,13 @@ def settle(attempts: list[Attempt], lineage: set[int]) -> tuple[Status, Attempt 
 
     Applied means applied in a version the current one descends from: the set is in its replay
     memory. A set applied only on a branch a promote abandoned is orphaned, until it is retried.
-    A withdrawal holds until a later requeue restores the set, even over a version that applied it
-    meanwhile (the step had read it before it was withdrawn).
+    A withdrawal holds until the set is restored, even over a version that applied it meanwhile
+    (the step had read it before) or a retry; restored, the set is what its other attempts say.
     """
-    last_say = next((a for a in reversed(attempts) if a.status in ("withdrawn", "requeued")), None)
-    if last_say is not None and last_say.status == "withdrawn":
-        return "withdrawn", last_say
+    say = next((a for a in reversed(attempts) if a.status in ("withdrawn", "restored")), None)
+    if say is not None and say.status == "withdrawn":
+        return "withdrawn", say
+    attempts = [a for a in attempts if a.status not in ("withdrawn", "restored")]
     for attempt in attempts:
         if attempt.status == "applied" and attempt.model_version in lineage:
             return "applied", attempt
@@ -239,20 +240,25 @@ class Ledger:
 
     # Withdrawing: the source of a set took its label back (edited or deleted it)
 
-    def withdraw(self, update_id: str, reason: str) -> None:
-        """Take a set out of the replay memory and of every later step; its file and history stay."""
-        if self.status(update_id).status != "withdrawn":
-            self._record(update_id, "withdrawn", reason)
+    def withdraw(self, reasons: dict[str, str]) -> None:
+        """Take sets (update id: why) out of the replay memory and of every later step; their files
+        and histories stay. The stores are read once, however many sets."""
+        settled = self.settled()
+        for update_id, reason in reasons.items():
+            if settled.get(update_id, ("queued", None))[0] != "withdrawn":
+                self._record(update_id, "withdrawn", reason)
 
     def restore(self, update_id: str, reason: str) -> bool:
-        """Undo a withdrawal: the set is applied again if its version is in the lineage, else queued.
-        Returns whether it was withdrawn."""
+        """Undo a withdrawal: the set is applied again if its version is in the lineage, else what its
+        other attempts say (queued if none). Returns whether it was withdrawn."""
         if self.status(update_id).status != "withdrawn":
             return False
-        self._record(update_id, "requeued", reason)
+        self._record(update_id, "restored", reason)
         return True
 
-    def _record(self, update_id: str, status: Literal["requeued", "withdrawn"], reason: str, automatic: bool = False) -> None:
+    def _record(
+        self, update_id: str, status: Literal["requeued", "withdrawn", "restored"], reason: str, automatic: bool = False
+    ) -> None:
         self.snapshots.record_outcome(
             Outcome(
                 outcome_id=uuid.uuid4().hex,

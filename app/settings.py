@@ -55,6 +55,13 @@ class Settings(BaseSettings):
     bootstrap_patience: int = Field(
         10, ge=1, description="The first version stops after this many epochs without a lower holdout loss."
     )
+    consolidate_growth: float = Field(
+        1.5,
+        ge=0,
+        description="A step retrains on the whole replay memory (the first version's schedule, warm-started) once the "
+        "lineage's training samples have grown by this factor since the last such training; 0: never (the paper's "
+        "short fine-tune only).",
+    )
     holdout_fraction: float = Field(0.1, ge=0, lt=1, description="Fraction of each update set kept for the gate.")
     gate_max_old_drop: float = Field(
         0.05, ge=0, description="Largest drop of holdout accuracy on old data a candidate may show (0.05 = 5 points)."
@@ -156,6 +163,9 @@ class Settings(BaseSettings):
     labelstudio_timeout_s: float = Field(
         30.0, gt=0, description="Longest wait for Label Studio when fetching a task image or the project's annotations."
     )
+    labelstudio_retry_s: float = Field(
+        30.0, gt=0, description="How often annotations whose image Label Studio could not give are tried again."
+    )
 
     # Distributed mode
     redis_url: str | None = Field(None, description="Set to run updates on RQ workers through this Redis.")
@@ -176,6 +186,13 @@ class Settings(BaseSettings):
     def _check_iterations(cls, value: str) -> str:
         if not ITERATIONS_PATTERN.match(value):
             raise ValueError("iterations must be 'update-size', 'epochs:<fraction>' or a whole number")
+        return value
+
+    @field_validator("consolidate_growth")
+    @classmethod
+    def _check_growth(cls, value: float) -> float:
+        if 0 < value <= 1:
+            raise ValueError("consolidate_growth must be 0 (never) or above 1")
         return value
 
     @field_validator("home")

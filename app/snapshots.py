@@ -51,10 +51,10 @@ class SnapshotMeta(BaseModel):
 
 class Outcome(BaseModel):
     """What became of update sets beside being published: rejected by the gate, failed, queued again, or
-    withdrawn by their source."""
+    withdrawn by their source and restored."""
 
     outcome_id: str
-    status: Literal["rejected", "failed", "requeued", "withdrawn"]
+    status: Literal["rejected", "failed", "requeued", "withdrawn", "restored"]
     parent: int | None
     update_ids: list[str]
     reason: str

@@ -165,6 +165,16 @@ def test_labelling_in_label_studio_trains_warmtune_and_warmtune_pre_annotates(la
     counts = wait("edit and delete seen", lambda: (c := updates_by_status(warmtune))["withdrawn"] == 2 and c, timeout=60)
     assert counts["applied"] == len(annotations) - 2 and counts["queued"] == 1, counts
 
+    # An annotation whose event never reached warmtune (the webhook was off) is stored by Label
+    # Studio's "train" button: START_TRAINING makes warmtune read the project's annotations back.
+    assert ls.patch(f"/api/webhooks/{hooks[0]['id']}", json={"is_active": False}).status_code == 200
+    annotate(ls, tasks[1], "Trouser")  # task 1 had no second annotation: a new one, unseen by warmtune
+    assert ls.patch(f"/api/webhooks/{hooks[0]['id']}", json={"is_active": True}).status_code == 200
+    assert updates_by_status(warmtune)["queued"] == 1
+    r = ls.post(f"/api/ml/{backend['id']}/train", json={})
+    assert r.status_code == 200, r.text
+    wait("the missed annotation stored", lambda: updates_by_status(warmtune)["queued"] == 2, timeout=60)
+
     # New tasks get warmtune's pre-annotations, with the version that made them.
     test_labels = [c for c in CLASSES[:2] for _ in range(4)]
     new_tasks = import_tasks(ls, project, [img for c in CLASSES[:2] for img in fashion_mnist("test").take(c, 4, rng)])

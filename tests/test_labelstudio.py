@@ -17,7 +17,7 @@ from imagegen import make_image
 from service import Server, fast_env, free_port, start_server
 
 from app.errors import InvalidLabelConfig, InvalidUpdate
-from app.labelstudio import Annotation, annotation_label, parse_label_config, pre_annotation
+from app.labelstudio.payloads import Annotation, annotation_label, parse_label_config, pre_annotation
 
 CONFIG = (
     '<View><Image name="img" value="$picture"/>'
@@ -81,6 +81,7 @@ def server(tmp_path: Path, studio: FakeLabelStudio) -> Iterator[Server]:
         WARMTUNE_TRIGGER="batched",  # nothing trains here: the sets' statuses are what is checked
         WARMTUNE_TRIGGER_SAMPLES="1000",
         WARMTUNE_TRIGGER_WAIT_S="3600",
+        WARMTUNE_LABELSTUDIO_RETRY_S="0.5",
     )
     s = start_server(env, tmp_path / "server.log")
     yield s
@@ -123,6 +124,9 @@ def test_label_studio_connects_with_basic_auth_and_is_told_what_it_sent_wrong(se
         assert r.status_code == 422 and "<Image" in r.json()["detail"]
         r = c.post("/labelstudio/setup", content=b"{not json", auth=("label-studio", KEY))
         assert r.status_code == 422
+        # basic auth is for Label Studio's routes only (a browser remembers basic credentials)
+        assert c.get("/models", auth=("label-studio", KEY)).status_code == 401
+        assert c.get("/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
 
         # before the first version, pre-annotation requests get no results, not an error
         r = c.post("/labelstudio/predict", json={"tasks": [{"id": 1, "data": {"picture": "/x.png"}}], "label_config": CONFIG},
@@ -160,6 +164,9 @@ def test_annotations_become_update_sets_and_an_edit_supersedes_the_old_label(ser
         assert send(event("ANNOTATIONS_DELETED", annotations=[{"id": 13}])) == {"withdrawn": 1}
         assert send(event("TASKS_DELETED", tasks=[{"id": 1}])) == {"withdrawn": 1}
         assert by_status(server) == {"withdrawn": 3}
+        # a deletion is final: a late event of the deleted annotation brings nothing back
+        assert send(event("ANNOTATION_UPDATED", annotation(13, 3, "blue", "2026-01-01T11:30:00Z"), t3)) == {"stale": 1}
+        assert by_status(server) == {"withdrawn": 3}
         assert c.post("/labelstudio/webhook", json=event("PROJECT_UPDATED")).json()["ignored"] is True
 
         # what an annotator gets wrong is named
@@ -172,12 +179,30 @@ def test_annotations_become_update_sets_and_an_edit_supersedes_the_old_label(ser
         assert r.status_code == 422 and "fetches images from there only" in r.json()["detail"]
         r = c.post("/labelstudio/webhook", json={"action": "ANNOTATION_CREATED", "annotation": {"id": "x"}})
         assert r.status_code == 422
+        string_value = annotation(14, 2, "red", "2026-01-01T12:00:00Z") | {"result": [{"type": "choices", "from_name": "kind", "value": "red"}]}
+        r = c.post("/labelstudio/webhook", json=event("ANNOTATION_CREATED", string_value, t2))
+        assert r.status_code == 422 and "value.choices" in r.json()["detail"]
+        broken_url = {"id": 2, "data": {"picture": "http://[::1/x"}}
+        r = c.post("/labelstudio/webhook", json=event("ANNOTATION_CREATED", annotation(14, 2, "red", "2026-01-01T12:00:00Z"), broken_url))
+        assert r.status_code == 422 and "is not a URL" in r.json()["detail"]
         assert by_status(server) == {"withdrawn": 3}
 
+        # several annotations in one event: a bad one is refused, the others are stored (and queued)
+        t6 = task(6, studio, "red")
+        bulk = event("ANNOTATIONS_CREATED", [two, annotation(18, 6, "red", "2026-01-01T12:00:00Z")], [t2, t6])
+        r = c.post("/labelstudio/webhook", json=bulk)
+        assert r.status_code == 422 and "one class per image" in r.json()["detail"]
+        assert by_status(server) == {"queued": 1, "withdrawn": 3}
 
-def test_an_annotation_made_while_label_studio_is_unreachable_is_stored_on_the_next_training_event(
-    server: Server, studio: FakeLabelStudio
-):
+
+def wait_for(server: Server, counts: dict[str, float], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while by_status(server) != counts and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert by_status(server) == counts
+
+
+def test_an_annotation_made_while_label_studio_is_unreachable_is_stored_when_it_is_back(server: Server, studio: FakeLabelStudio):
     port = studio.server_address[1]
     t4 = task(4, studio, "blue")
     files = dict(studio.files)
@@ -188,15 +213,19 @@ def test_an_annotation_made_while_label_studio_is_unreachable_is_stored_on_the_n
         assert r.status_code == 503 and "Label Studio did not answer" in r.json()["detail"]
         assert by_status(server) == {}  # nothing half-stored
 
-        back = FakeLabelStudio(port)  # Label Studio is back; its "train" button sends START_TRAINING
+        back = FakeLabelStudio(port)  # Label Studio is back: warmtune tries the annotation again by itself
         try:
             back.files = files
-            back.export = [t4 | {"annotations": [body["annotation"]]}]
+            wait_for(server, {"queued": 1})
+            # an annotation deleted while its event was lost: the "train" button's catch-up withdraws it
+            back.export = []
             r = c.post("/labelstudio/webhook", json=event("START_TRAINING"))
-            assert r.status_code == 200 and r.json()["changes"] == {"stored": 1}, r.text
-            assert by_status(server) == {"queued": 1}
-            back.export = []  # the annotation was deleted while a webhook was lost: the next catch-up withdraws it
-            assert c.post("/labelstudio/webhook", json=event("START_TRAINING")).json()["changes"] == {"withdrawn": 1}
+            assert r.status_code == 200 and r.json()["changes"] == {"withdrawn": 1}, r.text
+            # and stores what is in Label Studio but missed
+            t5 = task(5, back, "green")
+            back.export = [t5 | {"annotations": [annotation(17, 5, "green", "2026-01-01T11:00:00Z")]}]
+            assert c.post("/labelstudio/webhook", json=event("START_TRAINING")).json()["changes"] == {"stored": 1}
+            assert by_status(server) == {"queued": 1, "withdrawn": 1}
         finally:
             back.stop()
 
@@ -207,10 +236,7 @@ def test_an_annotation_is_stored_after_label_studio_stops_waiting_for_the_webhoo
     body = event("ANNOTATION_CREATED", annotation(16, 5, "blue", "2026-01-01T10:00:00Z"), task(5, studio, "blue"))
     with pytest.raises(httpx.TimeoutException):
         httpx.post(server.url + "/labelstudio/webhook", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=0.5)
-    deadline = time.monotonic() + 30
-    while by_status(server) != {"queued": 1} and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert by_status(server) == {"queued": 1}
+    wait_for(server, {"queued": 1})
 
 
 def test_the_label_config_names_the_image_and_its_single_choice_classes():
@@ -220,6 +246,10 @@ def test_the_label_config_names_the_image_and_its_single_choice_classes():
         parse_label_config(CONFIG.replace('toName="img"', 'toName="img" choice="multiple"'))
     with pytest.raises(InvalidLabelConfig, match="not XML"):
         parse_label_config("<View><Image")
+    with pytest.raises(InvalidLabelConfig, match="2 <Choices>"):
+        parse_label_config(CONFIG.replace("</View>", '<Choices name="other" toName="img"><Choice value="x"/></Choices></View>'))
+    radio = parse_label_config(CONFIG.replace('toName="img"', 'toName="img" choice="single-radio"').replace('value="red"', 'value="Red" alias="red"'))
+    assert radio.classes == ("red", "green", "blue")  # results carry a choice's alias
     ok = Annotation(id=1, result=[{"type": "choices", "from_name": "kind", "value": {"choices": ["red"]}}])
     assert annotation_label(ok, config) == "red"
     assert annotation_label(ok.model_copy(update={"was_cancelled": True}), config) is None

@@ -43,7 +43,7 @@ def test_status_follows_each_change_made_by_another_process_while_lookups_are_ca
 def test_a_withdrawn_set_stays_out_of_the_replay_memory_until_restored_even_if_a_step_applied_it(settings):
     ledger = Ledger(settings)
     keep, take_back = [ledger.samples.add(*make_set({"red": 2}, seed=s))[0].update_id for s in (1, 2)]
-    ledger.withdraw(take_back, "annotation 3 of task 1 now says 'blue'")
+    ledger.withdraw({take_back: "annotation 3 of task 1 now says 'blue'"})
     assert ledger.status(take_back).status == "withdrawn"
     assert [u.update_id for u in ledger.pending()] == [keep]
 
@@ -58,6 +58,9 @@ def test_a_withdrawn_set_stays_out_of_the_replay_memory_until_restored_even_if_a
     assert ledger.counts()["withdrawn"] == 1 and ledger.counts()["applied"] == 1
     with pytest.raises(NotRetryable, match="is withdrawn"):
         ledger.requeue(take_back, "retried on request")
+    # a retry that checked the status just before the withdrawal does not undo it
+    ledger.snapshots.record_outcome(Outcome(outcome_id="r1", status="requeued", parent=version, update_ids=[take_back], reason="retry"))
+    assert ledger.status(take_back).status == "withdrawn"
 
     assert ledger.restore(take_back, "the label is 'red' again")
     assert ledger.status(take_back).status == "applied"  # its version is in the lineage

@@ -12,6 +12,7 @@ from app.errors import NotRetryable
 from app.ledger import Ledger
 from app.model import build_model
 from worker.jobs import apply_pending_updates
+from worker.trainer import TrainStats
 
 
 def add(ledger: Ledger, images, labels) -> str:
@@ -247,3 +248,60 @@ def test_a_set_the_relabel_test_refused_must_be_explained_by_its_label_when_reco
     # refused by the relabel test once, later by the check after training: still judged at 1
     assert relabel_factor(settings, [refused, by_itself, forgot, by_itself]) == 1.0
     assert relabel_factor(settings.model_copy(update={"gate_relabel_factor": 0.0}), [refused, by_itself]) == 0.0
+
+
+def test_a_step_retrains_on_the_whole_memory_once_it_has_grown_by_the_factor(settings):
+    settings = settings.model_copy(update={"consolidate_growth": 1.5})
+    ledger = Ledger(settings)
+    add(ledger, *make_set({"red": 20, "green": 20}, seed=1))  # 36 training samples after the holdout
+    [first] = apply_pending_updates(settings)
+    assert first.metrics["consolidated"] and first.metrics["epochs"] >= 1
+    add(ledger, *make_set({"red": 10}, seed=2))  # 36 + 9 = 45 < 1.5 * 36: the paper's short fine-tune
+    [short] = apply_pending_updates(settings)
+    assert not short.metrics["consolidated"] and short.metrics["iterations"] == 9
+    add(ledger, *make_set({"blue": 10}, seed=3))  # 45 + 9 = 54 >= 54: every sample, epochs until the holdout stops improving
+    [whole] = apply_pending_updates(settings)
+    assert whole.status == "applied" and whole.metrics["consolidated"]
+    assert whole.metrics["iterations"] >= whole.metrics["epochs"] * (54 // settings.batch_size)
+    assert [m.metrics["consolidated"] for m in ledger.snapshots.ancestors(whole.version)] == [True, False, True]
+
+    off = settings.model_copy(update={"consolidate_growth": 0})
+    add(ledger, *make_set({"blue": 30}, seed=4))
+    [never] = apply_pending_updates(off)
+    assert not never.metrics["consolidated"]
+
+
+def test_a_short_fine_tune_that_would_forget_old_classes_is_tried_again_on_the_whole_memory(settings, monkeypatch):
+    settings = settings.model_copy(update={"consolidate_growth": 10.0})  # no consolidation by growth here
+    ledger = Ledger(settings)
+    add(ledger, *make_set({"red": 40, "green": 40, "blue": 40}, seed=1))
+    apply_pending_updates(settings)
+
+    def forgetful_fine_tune(model, *args, **kwargs):  # what a short fine-tune can do to a weak network
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn_like(p) * 0.01)
+        return TrainStats(iterations=9, loss=1.0, seconds=0.0)
+
+    monkeypatch.setattr("worker.jobs.fine_tune", forgetful_fine_tune)
+    add(ledger, *make_set({"yellow": 10}, seed=2))
+    [step] = apply_pending_updates(settings)
+    assert step.status == "applied" and step.metrics["consolidated"], step
+    assert "would forget old classes" in step.metrics["short_fine_tune"]["why"]
+    assert step.metrics["holdout_after"]["old"] >= 0.9
+
+    add(ledger, *make_set({"yellow": 10}, seed=3))
+    [refused] = apply_pending_updates(settings.model_copy(update={"consolidate_growth": 0}))  # the paper's step only
+    assert refused.status == "rejected" and "would forget old classes" in refused.reason
+
+
+def test_a_short_fine_tune_that_does_not_fit_its_new_class_is_tried_again_on_the_whole_memory(settings, monkeypatch):
+    settings = settings.model_copy(update={"consolidate_growth": 10.0})
+    ledger = Ledger(settings)
+    add(ledger, *make_set({"red": 40, "green": 40, "blue": 40}, seed=1))
+    apply_pending_updates(settings)
+    monkeypatch.setattr("worker.jobs.fine_tune", lambda *args, **kwargs: TrainStats(iterations=9, loss=1.0, seconds=0.0))
+    add(ledger, *make_set({"yellow": 10}, seed=2))  # untrained, the new row (the mean of the old ones) wins no image
+    [step] = apply_pending_updates(settings)
+    assert step.status == "applied" and step.metrics["consolidated"], step
+    assert "0% of the new classes' images" in step.metrics["short_fine_tune"]["why"]

@@ -137,6 +137,7 @@ def engine_settings(home: Path, protocol: Protocol, repeat: int, setting: Settin
         replay_lambda=setting.replay_lambda,
         head_init=setting.head_init,  # type: ignore[arg-type]
         retry_auto_max=0,  # one step per set, as in the paper
+        consolidate_growth=0,  # the paper's short fine-tune at every step
         bootstrap_max_epochs=protocol.initial_epochs,
         log_every=10**9,
         **no_gate,

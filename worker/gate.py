@@ -239,6 +239,7 @@ def check_old_knowledge(before: Outcomes, after: Outcomes, max_drop: float, alph
         False,
         f"the candidate would forget old classes: {summary} ({drop:.3f} > the allowed {max_drop:.3f}; "
         f"{lost} lost, {won} won of {len(after)}, p = {p:.3g}); fell most: {worst_classes(before, after)}",
+        "old knowledge",
     )
 
 

@@ -282,12 +282,35 @@ def apply_step(settings: Settings, ledger: Ledger, pending: list[UpdateSet], loc
         grow_head(model, len(new_classes), settings.head_init, generator)
 
     base_weights = parent.base_weights if parent else settings.base_weights
-    stats = train_candidate(settings, model, old_train, new_train, new_holdout, base_weights, parent is None, device, generator)
+    samples = len(old_train) + len(new_train)
+    consolidate = parent is None or consolidation_due(settings.consolidate_growth, ledger.snapshots.ancestors(parent.version), samples)
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()} if not consolidate else {}
 
-    clock = time.perf_counter()
-    verdict, holdout_after = judge_candidate(settings, model, stats, before, old_holdout, new_holdout, old_classes, classes, device)
+    def train_and_judge(consolidate: bool) -> tuple[TrainStats, Verdict, dict[str, Any], float]:
+        stats = train_candidate(
+            settings, model, old_train, new_train, old_holdout, new_holdout, base_weights, consolidate, device, generator
+        )
+        clock = time.perf_counter()
+        verdict, holdout_after = judge_candidate(settings, model, stats, before, old_holdout, new_holdout, old_classes, classes, device)
+        return stats, verdict, holdout_after, time.perf_counter() - clock
+
+    stats, verdict, holdout_after, evaluate_seconds = train_and_judge(consolidate)
+    short_fine_tune = None
+    learned = new_classes_learned(model, new_train, new_classes, classes, device)
+    if not consolidate and settings.consolidate_growth and (verdict.check == "old knowledge" or learned < 0.5):
+        # The short fine-tune cannot teach a weak network a look-alike class: it forgets old
+        # classes, or does not fit the new class's own images. Training on the whole memory can,
+        # and a set that really damages old classes fails the gate that way too.
+        why = verdict.reason if verdict.check == "old knowledge" else f"it calls {learned:.0%} of the new classes' images by their label"
+        log.info("the short fine-tune falls short (%s); training on the whole memory instead", why)
+        short_fine_tune = {"why": why, "iterations": stats.iterations, "train_seconds": stats.seconds}
+        model.load_state_dict(start)
+        consolidate = True
+        stats, verdict, holdout_after, evaluate_seconds = train_and_judge(consolidate)
     metrics: dict[str, Any] = {
         "first_version": parent is None,
+        "consolidated": consolidate,
+        "short_fine_tune": short_fine_tune,
         "iterations": stats.iterations,
         "epochs": stats.epochs,
         "lr": settings.learning_rate(base_weights),
@@ -303,7 +326,7 @@ def apply_step(settings: Settings, ledger: Ledger, pending: list[UpdateSet], loc
         "gate": verdict.reason,
         "load_seconds": load_seconds,
         "train_seconds": stats.seconds,
-        "evaluate_seconds": time.perf_counter() - clock,
+        "evaluate_seconds": evaluate_seconds,
     }
     if lock.lost:
         raise LockLost("the lineage lease expired during training; leaving the update to the new holder")
@@ -398,22 +421,50 @@ def publish(
     return StepResult("applied", meta.update_ids, version=version, metrics=metrics)
 
 
+def new_classes_learned(model: nn.Module, new_train: SampleTensors, new_classes: list[str], classes: list[str], device: torch.device) -> float:
+    """Share of the new classes' training samples the candidate calls by their label (1.0 without new classes)."""
+    mine = [s for s in new_train.samples if s.label in new_classes]
+    if not mine:
+        return 1.0
+    subset = SampleTensors(mine, new_train.class_index, new_train.image_size)
+    return Outcomes.of(predict_logits(model, subset, device), subset.labels, classes).accuracy() or 0.0
+
+
+def consolidation_due(growth: float, lineage: Iterable[SnapshotMeta], samples: int) -> bool:
+    """Whether a step with this many training samples in all should retrain on the whole memory:
+    they have grown by the factor since the last version that did (the first version did).
+
+    Growth by a factor keeps the cost of all consolidations within a constant multiple of one
+    training on all the data: each trains on at most 1/growth of the next one's samples.
+    """
+    if growth == 0:
+        return False
+    for meta in lineage:  # newest first: only the versions since the last consolidation are read
+        if meta.metrics.get("consolidated") or meta.metrics.get("first_version"):
+            return samples >= growth * (meta.metrics.get("samples_old", 0) + meta.metrics.get("samples_new", 0))
+    return True
+
+
 def train_candidate(
     settings: Settings,
     model: nn.Module,
     old_train: SampleTensors,
     new_train: SampleTensors,
+    old_holdout: SampleTensors,
     new_holdout: SampleTensors,
     base_weights: str,
-    first: bool,
+    consolidate: bool,
     device: torch.device,
     generator: torch.Generator,
 ) -> TrainStats:
-    """The first version trains until its holdout stops improving; every later one is the paper's short fine-tune."""
-    if first:
+    """The first version, and a consolidation, train on all the samples until the holdout stops
+    improving; every other step is the paper's short fine-tune with replay."""
+    if consolidate:
         cfg = TrainConfig.from_settings(settings, base_weights, iterations=0)  # epochs decide, not iterations
+        index = new_train.class_index
+        train, holdout = SampleTensors.join([new_train, old_train], index), SampleTensors.join([new_holdout, old_holdout], index)
         return train_first_version(
-            model, new_train, new_holdout, cfg, settings.bootstrap_max_epochs, settings.bootstrap_patience, device, generator
+            model, train, holdout, cfg, settings.bootstrap_max_epochs, settings.bootstrap_patience, device, generator
         )
     n_old, n_new = len(old_train), len(new_train)
     iterations = iterations_for(settings.iterations, n_new, n_old + n_new, settings.batch_size)

@@ -7,7 +7,8 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from app.labelstudio import AnnotationIndex, LabelStudioClient
+from app.labelstudio.annotations import AnnotationIndex
+from app.labelstudio.client import LabelStudioClient
 from app.ledger import Ledger
 from app.metrics import Metrics
 from app.queue import UpdateQueue

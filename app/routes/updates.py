@@ -29,7 +29,7 @@ class UpdateAccepted(BaseModel):
 
 
 class AttemptOut(BaseModel):
-    status: Literal["applied", "rejected", "failed", "requeued", "withdrawn"]
+    status: Literal["applied", "rejected", "failed", "requeued", "withdrawn", "restored"]
     at: float
     model_version: int | None
     reason: str | None

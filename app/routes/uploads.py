@@ -1,4 +1,4 @@
-"""Reading request bodies within the limits: multipart forms and raw image bodies."""
+"""Reading request bodies within the limits: multipart forms, raw image bodies and JSON."""
 
 from __future__ import annotations
 
