@@ -13,7 +13,7 @@ REDIS_PORT ?= 6379
 LABELSTUDIO_VENV := .venv-labelstudio
 LABELSTUDIO_STAMP := $(LABELSTUDIO_VENV)/.installed
 
-.PHONY: install system-deps redis test test-labelstudio labelstudio-screenshot demo bench bench-stream bench-history bench-label-check experiment clean
+.PHONY: install system-deps redis test test-labelstudio labelstudio-screenshot demo bench bench-stream bench-consolidation bench-history bench-label-check experiment clean
 
 install: system-deps $(STAMP)
 
@@ -65,6 +65,14 @@ bench: install
 bench-stream: install
 	$(BIN)/warmtune bench stream --arch resnet18 --image-size 32
 	$(BIN)/warmtune bench stream --arch alexnet --image-size 64
+
+# Consolidation on (the default) and off: AlexNet at 64 px, clean stream, 3 repetitions each (about 55 minutes).
+bench-consolidation: install
+	for rep in 1 2 3; do \
+		$(BIN)/warmtune bench stream --arch alexnet --image-size 64 --runs clean --no-joint --out bench/results/consolidation/on-$$rep; \
+		$(BIN)/warmtune bench stream --arch alexnet --image-size 64 --runs clean --no-joint --set consolidate_growth=0 \
+			--out bench/results/consolidation/off-$$rep; \
+	done
 
 # GET /updates/{id} and /metrics against 10 to 1000 versions and 100 to 10,000 sets (about 2 minutes).
 bench-history: install
