@@ -284,7 +284,9 @@ def apply_step(settings: Settings, ledger: Ledger, pending: list[UpdateSet], loc
     base_weights = parent.base_weights if parent else settings.base_weights
     samples = len(old_train) + len(new_train)
     consolidate = parent is None or consolidation_due(settings.consolidate_growth, ledger.snapshots.ancestors(parent.version), samples)
-    start = {k: v.detach().clone() for k, v in model.state_dict().items()} if not consolidate else {}
+    fallback = not consolidate and settings.consolidate_growth > 0
+    # The grown model before training: where a whole-memory training starts if the short one falls short.
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()} if fallback else {}
 
     def train_and_judge(consolidate: bool) -> tuple[TrainStats, Verdict, dict[str, Any], float]:
         stats = train_candidate(
@@ -296,11 +298,11 @@ def apply_step(settings: Settings, ledger: Ledger, pending: list[UpdateSet], loc
 
     stats, verdict, holdout_after, evaluate_seconds = train_and_judge(consolidate)
     short_fine_tune = None
-    learned = new_classes_learned(model, new_train, new_classes, classes, device)
-    if not consolidate and settings.consolidate_growth and (verdict.check == "old knowledge" or learned < 0.5):
+    learned = new_classes_learned(model, new_train, new_classes, classes, device) if fallback else 1.0
+    if fallback and (verdict.check == "old knowledge" or learned < 0.5):
         # The short fine-tune cannot teach a weak network a look-alike class: it forgets old
-        # classes, or does not fit the new class's own images. Training on the whole memory can,
-        # and a set that really damages old classes fails the gate that way too.
+        # classes, or does not fit the new class's own images. Training on the whole memory can;
+        # gate 2 judges that candidate like any other.
         why = verdict.reason if verdict.check == "old knowledge" else f"it calls {learned:.0%} of the new classes' images by their label"
         log.info("the short fine-tune falls short (%s); training on the whole memory instead", why)
         short_fine_tune = {"why": why, "iterations": stats.iterations, "train_seconds": stats.seconds}
