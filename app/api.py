@@ -9,9 +9,9 @@ from contextlib import asynccontextmanager, suppress
 from functools import partial
 
 from fastapi import FastAPI, Request
-from starlette.datastructures import State
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from starlette.datastructures import State
 
 from app.auth import browser_request_refusal, roles_by_digest
 from app.errors import Forbidden, WarmtuneError
