@@ -13,7 +13,7 @@ REDIS_PORT ?= 6379
 LABELSTUDIO_VENV := .venv-labelstudio
 LABELSTUDIO_STAMP := $(LABELSTUDIO_VENV)/.installed
 
-.PHONY: install system-deps redis test test-labelstudio labelstudio-screenshot demo bench bench-stream bench-consolidation bench-history bench-label-check experiment clean
+.PHONY: install system-deps redis lint format test test-labelstudio labelstudio-screenshot demo bench bench-stream bench-consolidation bench-history bench-label-check experiment clean
 
 install: system-deps $(STAMP)
 
@@ -36,8 +36,17 @@ redis:
 	@redis-cli -p $(REDIS_PORT) ping >/dev/null 2>&1 || \
 		redis-server --daemonize yes --bind 127.0.0.1 --port $(REDIS_PORT) --save "" --appendonly no
 
-test: install redis
+test: install redis lint
 	$(BIN)/pytest -q
+
+# ruff's linter and formatter (config in pyproject.toml); `make format` applies the formatting.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 $(LABELSTUDIO_STAMP): integration/labelstudio-constraints.txt
 	$(PYTHON) -m venv $(LABELSTUDIO_VENV)

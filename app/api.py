@@ -17,23 +17,23 @@ from app.auth import browser_request_refusal, roles_by_digest
 from app.errors import Forbidden, WarmtuneError
 from app.labelstudio.annotations import AnnotationIndex, retry_failed
 from app.labelstudio.client import LabelStudioClient
-from app.ledger import Ledger
 from app.metrics import Metrics
 from app.queue import EmbeddedQueue, RedisQueue, UpdateJob, UpdateQueue
 from app.routes import labelstudio, models, ops, predict, updates
 from app.routes.errors import domain_error, error_response, validation_error
 from app.serving import ModelServer
 from app.settings import Settings, get_settings
+from app.stores import Stores
 
 log = logging.getLogger(__name__)
 
 
 def make_queue(
-    settings: Settings, job: UpdateJob, ledger: Ledger, server: ModelServer, loop: asyncio.AbstractEventLoop
+    settings: Settings, job: UpdateJob, stores: Stores, server: ModelServer, loop: asyncio.AbstractEventLoop
 ) -> UpdateQueue:
     """Embedded worker thread without Redis; RQ with it. Either way a new version triggers a refresh.
 
-    The embedded job shares this process's ledger, so what it read from the stores stays read.
+    The embedded job shares this process's stores, so what it read from the stores stays read.
     """
 
     def refresh_soon() -> None:
@@ -41,16 +41,16 @@ def make_queue(
 
     if settings.redis_url:
         return RedisQueue(settings, on_announce=refresh_soon)
-    return EmbeddedQueue(settings, partial(job, ledger=ledger), on_step=refresh_soon)
+    return EmbeddedQueue(settings, partial(job, stores=stores), on_step=refresh_soon)
 
 
-async def poll(server: ModelServer, queue: UpdateQueue, ledger: Ledger, interval_s: float) -> None:
+async def poll(server: ModelServer, queue: UpdateQueue, stores: Stores, interval_s: float) -> None:
     """Converge on the snapshot pointer even when an announcement was missed, and leave no set unqueued."""
     while True:
         await asyncio.sleep(interval_s)
         try:
             await server.refresh()
-            pending = len(await asyncio.to_thread(ledger.pending))
+            pending = len(await asyncio.to_thread(stores.pending))
             await asyncio.to_thread(queue.reconcile, pending)
         except Exception:
             log.exception("polling the stores failed")
@@ -61,7 +61,7 @@ async def retry_annotations(state: State, interval_s: float) -> None:
     while True:
         await asyncio.sleep(interval_s)
         try:
-            if await retry_failed(state.ledger, state.annotation_index, state.labelstudio):
+            if await retry_failed(state.stores, state.annotation_index, state.labelstudio):
                 await asyncio.to_thread(state.queue.submit)
         except Exception:
             log.exception("retrying Label Studio annotations failed")
@@ -70,12 +70,12 @@ async def retry_annotations(state: State, interval_s: float) -> None:
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state = app.state
-    state.server = ModelServer(state.settings, state.ledger, state.metrics)
-    state.queue = make_queue(state.settings, state.update_job, state.ledger, state.server, asyncio.get_running_loop())
+    state.server = ModelServer(state.settings, state.stores, state.metrics)
+    state.queue = make_queue(state.settings, state.update_job, state.stores, state.server, asyncio.get_running_loop())
     await state.server.refresh()  # a restarted replica serves at once
     tasks = [
         asyncio.create_task(state.server.run_batches(), name="batcher"),
-        asyncio.create_task(poll(state.server, state.queue, state.ledger, state.settings.poll_interval_s), name="poller"),
+        asyncio.create_task(poll(state.server, state.queue, state.stores, state.settings.poll_interval_s), name="poller"),
     ]
     if state.settings.labelstudio_url:
         tasks.append(asyncio.create_task(retry_annotations(state, state.settings.labelstudio_retry_s), name="labelstudio-retry"))
@@ -116,9 +116,9 @@ def create_app(update_job: UpdateJob, settings: Settings | None = None) -> FastA
     app.state.settings = settings
     app.state.roles_by_digest = roles_by_digest(settings.api_keys)
     app.state.update_job = update_job
-    app.state.ledger = Ledger(settings)
+    app.state.stores = Stores(settings)
     app.state.metrics = Metrics()
-    app.state.metrics.watch_ledger(app.state.ledger)
+    app.state.metrics.watch_stores(app.state.stores)
     app.state.labelstudio = LabelStudioClient(settings)
     app.state.annotation_index = AnnotationIndex(settings.home / "labelstudio")
     app.add_exception_handler(WarmtuneError, domain_error)

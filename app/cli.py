@@ -30,17 +30,18 @@ def format_holdout(scores: dict | None) -> str:
 
 def cmd_update(args: argparse.Namespace, settings: Settings) -> int:
     """Apply the pending update sets once and print what became of them."""
-    from app.ledger import Ledger
+    from app.stores import Stores
     from worker.jobs import apply_pending_updates
 
     results = apply_pending_updates(settings)
     if not results:
         print("nothing pending")
-    ledger = Ledger(settings)
+    stores = Stores(settings)
     for r in results:
-        classes = ledger.snapshots.meta(r.version).classes if r.version else []
+        version = r.model_version if r.status == "applied" else None
+        classes = stores.snapshots.meta(version).classes if version else []
         print(
-            f"{r.status:8} {len(r.update_ids)} set(s) -> version {r.version or '-'}  "
+            f"{r.status:8} {len(r.update_ids)} set(s) -> version {version or '-'}  "
             f"holdout {format_holdout(r.metrics.get('holdout_after'))}  "
             f"{len(classes) or ''} {'classes: ' + ', '.join(classes) if classes else r.reason or ''}"
         )
@@ -49,11 +50,11 @@ def cmd_update(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
     """Queue rejected, failed or orphaned update sets again: `warmtune update` applies them, or a service's next poll."""
-    from app.ledger import Ledger
+    from app.stores import Stores
 
-    ledger = Ledger(settings)
+    stores = Stores(settings)
     for update_id in args.update_ids:
-        ledger.requeue(update_id, "retried from the command line")
+        stores.requeue(update_id, "retried from the command line")
         print(f"queued {update_id} again; `warmtune update` applies it now, a running service on its next poll")
     return 0
 
@@ -61,13 +62,13 @@ def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
     """Store update sets taken from Fashion-MNIST or an image folder, as an annotator would post them."""
     from app.datasets import load_source
-    from app.ledger import Ledger
+    from app.stores import Stores
 
     source = load_source(args.data)
     classes = args.classes.split(",") if args.classes else source.classes
     rng = random.Random(args.seed)
-    ledger = Ledger(settings)
-    known = ledger.classes()
+    stores = Stores(settings)
+    known = stores.classes()
     images: list[bytes] = []
     labels: list[str] = []
     for label in classes:
@@ -79,7 +80,7 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
     size = args.set_size or len(order)
     for lo in range(0, len(order), size):
         part = order[lo : lo + size]
-        update, _ = ledger.samples.add([images[i] for i in part], [labels[i] for i in part], known_classes=known)
+        update, _ = stores.samples.add([images[i] for i in part], [labels[i] for i in part], known_classes=known)
         print(f"stored update set {update.update_id}: {len(update)} samples, new classes {list(update.new_classes)}")
     return 0
 

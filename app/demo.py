@@ -23,8 +23,8 @@ import uvicorn
 from tqdm import tqdm
 
 from app.api import create_app
-from app.queue import UpdateJob
 from app.datasets import LabelledImages, load_source
+from app.queue import UpdateJob
 from app.settings import Settings
 
 

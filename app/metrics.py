@@ -1,6 +1,6 @@
 """Prometheus metrics of one API process, with the names of DESIGN.md's public contract.
 
-Update counts and queue depth are read from the ledger at scrape time, so every replica reports
+Update counts and queue depth are read from the stores at scrape time, so every replica reports
 the same derived truth instead of counters that drift apart.
 """
 
@@ -13,23 +13,39 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from app.ledger import Ledger
+from app.stores import Stores
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 UPDATE_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
-class LedgerCollector(Collector):
-    """Update counts, queue depth and the last job's outcome, read from the stores at scrape time."""
+# Old names, still exported for one release so that dashboards and alerts can move over; removed after 0.2.
+DEPRECATED = {
+    "warmtune_updates": "warmtune_updates_total",
+    "warmtune_last_step": "warmtune_last_job",
+    "warmtune_last_step_timestamp_seconds": "warmtune_last_job_timestamp_seconds",
+}
 
-    def __init__(self, ledger: Ledger) -> None:
-        self.ledger = ledger
+
+class StoresCollector(Collector):
+    """Update counts, queue depth and the last step's attempt, read from the stores at scrape time."""
+
+    def __init__(self, stores: Stores) -> None:
+        self.stores = stores
 
     def collect(self) -> Iterator[Metric]:
-        counts = self.ledger.counts()
-        # Counted from durable state; a gauge because a promote can move sets between statuses.
-        updates = GaugeMetricFamily("warmtune_updates_total", "Update sets by status.", labels=["status"])
+        for metric in self.current():
+            yield metric
+            if metric.name in DEPRECATED:
+                old = Metric(DEPRECATED[metric.name], f"Deprecated: read {metric.name}.", metric.type)
+                old.samples = [s._replace(name=old.name) for s in metric.samples]
+                yield old
+
+    def current(self) -> Iterator[Metric]:
+        counts = self.stores.counts()
+        # Counted from durable state; a gauge (no _total) because a promote can move sets between statuses.
+        updates = GaugeMetricFamily("warmtune_updates", "Update sets by status.", labels=["status"])
         for status, n in counts.items():
             updates.add_metric([status], n)
         yield updates
@@ -39,13 +55,13 @@ class LedgerCollector(Collector):
         yield GaugeMetricFamily(
             "warmtune_worker_busy", "1 while an update job is training.", value=int(counts["running"] > 0)
         )
-        last = self.ledger.last_step()
+        last = self.stores.last_step()
         if last is not None:
-            info = GaugeMetricFamily("warmtune_last_job", "Outcome of the last update step (1).", labels=["status"])
+            info = GaugeMetricFamily("warmtune_last_step", "Status of the last update step (1).", labels=["status"])
             info.add_metric([last.status], 1)
             yield info
             yield GaugeMetricFamily(
-                "warmtune_last_job_timestamp_seconds", "When the last update step ended.", value=last.created_at
+                "warmtune_last_step_timestamp_seconds", "When the last update step ended.", value=last.at
             )
 
 
@@ -80,8 +96,8 @@ class Metrics:
             "warmtune_holdout_accuracy", "Holdout accuracy of the served version.", ["scope"], registry=r
         )
 
-    def watch_ledger(self, ledger: Ledger) -> None:
-        self.registry.register(LedgerCollector(ledger))
+    def watch_stores(self, stores: Stores) -> None:
+        self.registry.register(StoresCollector(stores))
 
     def served(self, version: int, classes: int, holdout: dict[str, float | None] | None, swap_seconds: float) -> None:
         """Record a swap to a new version."""

@@ -22,6 +22,11 @@ def select_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def autocast(device: torch.device) -> torch.autocast:
+    """bf16 autocast on a GPU; plain float32 on the CPU. Serving and training share it."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
 def _construct(arch: str) -> nn.Module:
     try:
         return models.get_model(arch, weights=None)

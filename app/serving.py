@@ -22,11 +22,11 @@ from torch import nn
 
 from app.errors import NoModel, VersionUnloadable, WarmtuneError
 from app.images import check_pixel_budget, image_to_pixels, to_model_input
-from app.ledger import Ledger
 from app.metrics import Metrics
-from app.model import model_from_state, select_device
+from app.model import autocast, model_from_state, select_device
 from app.settings import Settings
 from app.snapshots import SnapshotStore
+from app.stores import Stores
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +62,12 @@ def load_version(snapshots: SnapshotStore, version: int, device: torch.device) -
 def forward(served: ServedModel, pixels: torch.Tensor) -> torch.Tensor:
     """Class probabilities for a uint8 (N, 3, S, S) batch, on the CPU."""
     x = to_model_input(pixels, served.device)
-    with torch.autocast(served.device.type, dtype=torch.bfloat16, enabled=served.device.type == "cuda"):
+    with autocast(served.device):
         logits = served.model(x)
     return logits.float().softmax(dim=1).cpu()
 
 
-def fit(pixels: torch.Tensor, image_size: int) -> torch.Tensor:
+def resize_to(pixels: torch.Tensor, image_size: int) -> torch.Tensor:
     """Pixels prepared for the version before a swap, resized to the one now serving."""
     if pixels.shape[-1] == image_size:
         return pixels
@@ -93,10 +93,10 @@ class _Request:
 class ModelServer:
     """The served model of one API process, its swaps and its batched forward passes."""
 
-    def __init__(self, settings: Settings, ledger: Ledger, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, stores: Stores, metrics: Metrics) -> None:
         self.settings = settings
-        self.ledger = ledger
-        self.snapshots = ledger.snapshots
+        self.stores = stores
+        self.snapshots = stores.snapshots
         self.metrics = metrics
         self.device = select_device(settings.device)
         self.current: ServedModel | None = None
@@ -168,7 +168,7 @@ class ModelServer:
         now = time.time()
         unseen = [u for meta in self.snapshots.lineage(version) for u in meta.update_ids if u not in self._observed]
         self._observed.update(unseen)
-        for update in self.ledger.readable(unseen):
+        for update in self.stores.readable(unseen):
             if update.received_at >= self.started_at:  # sets stored before this process started are not its to time
                 self.metrics.update_duration.observe(now - update.received_at)
 
@@ -209,7 +209,7 @@ class ModelServer:
                 if served is None:  # requests need a model to be prepared, so only after a failed start
                     raise NoModel("no model loaded")
                 probs = await loop.run_in_executor(
-                    self._forward_pool, self.forward_batch, served, torch.cat([fit(r.pixels, served.image_size) for r in batch])
+                    self._forward_pool, self.forward_batch, served, torch.cat([resize_to(r.pixels, served.image_size) for r in batch])
                 )
             except Exception as exc:
                 log.exception("forward pass failed")

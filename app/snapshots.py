@@ -3,7 +3,7 @@
     snapshots/<version>/model.safetensors, meta.json   a published version, never overwritten
     snapshots/<version>/PINNED                         an admin asked to keep its weights
     snapshots/POINTER                                  {"current": v, "latest": n}, replaced atomically
-    snapshots/outcomes/<id>.json                       update sets rejected, failed, or queued again
+    snapshots/outcomes/<id>.json                       attempts that published no version: rejected, failed, requeued, withdrawn, restored
 
 Publishing writes the version directory under a temporary name, renames it into place and only
 then moves the pointer: the pointer is the commit. A directory numbered above "latest" is the
@@ -49,9 +49,9 @@ class SnapshotMeta(BaseModel):
     created_at: float = Field(default_factory=time.time)
 
 
-class Outcome(BaseModel):
-    """What became of update sets beside being published: rejected by the gate, failed, queued again, or
-    withdrawn by their source and restored."""
+class AttemptRecord(BaseModel):
+    """An attempt on update sets that published no version: rejected by the gate, failed, queued again, or
+    withdrawn by their source and restored. (Stored under outcomes/ with these field names, as before.)"""
 
     outcome_id: str
     status: Literal["rejected", "failed", "requeued", "withdrawn", "restored"]
@@ -75,9 +75,9 @@ class SnapshotStore:
         self._metas: dict[int, SnapshotMeta] = {}
         self._published: list[int] = []
         self._checked_up_to = 0
-        self._outcomes: dict[str, Outcome] = {}
-        self._sorted_outcomes: list[Outcome] = []
-        self._outcomes_version: int | None = None
+        self._records: dict[str, AttemptRecord] = {}
+        self._sorted_records: list[AttemptRecord] = []
+        self._records_version: int | None = None
 
     # The pointer -----------------------------------------------------------------------------
 
@@ -228,18 +228,18 @@ class SnapshotStore:
             if path.is_dir() and leftover:
                 shutil.rmtree(path, ignore_errors=True)
 
-    # Outcomes --------------------------------------------------------------------------------
+    # Attempt records -----------------------------------------------------------------------
 
-    def record_outcome(self, outcome: Outcome) -> None:
-        atomic_write_json(self.outcomes_dir / f"{outcome.outcome_id}.json", outcome.model_dump(mode="json"))
+    def record_attempt(self, record: AttemptRecord) -> None:
+        atomic_write_json(self.outcomes_dir / f"{record.outcome_id}.json", record.model_dump(mode="json"))
 
-    def outcomes(self) -> list[Outcome]:
-        """Every outcome record, oldest first (records are never changed or removed: new ones are read once)."""
+    def attempt_records(self) -> list[AttemptRecord]:
+        """Every attempt record, oldest first (records are never changed or removed: new ones are read once)."""
         version = directory_version(self.outcomes_dir)
-        if version is None or version != self._outcomes_version:
+        if version is None or version != self._records_version:
             for path in self.outcomes_dir.glob("*.json"):
-                if path.stem not in self._outcomes:
-                    self._outcomes[path.stem] = Outcome.model_validate(read_json(path))
-            self._sorted_outcomes = sorted(self._outcomes.values(), key=lambda o: o.created_at)
-            self._outcomes_version = version
-        return list(self._sorted_outcomes)
+                if path.stem not in self._records:
+                    self._records[path.stem] = AttemptRecord.model_validate(read_json(path))
+            self._sorted_records = sorted(self._records.values(), key=lambda o: o.created_at)
+            self._records_version = version
+        return list(self._sorted_records)

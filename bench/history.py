@@ -32,10 +32,10 @@ import httpx
 import torch
 from PIL import Image
 
-from app.ledger import Ledger
 from app.model import build_model
 from app.settings import Settings
 from app.snapshots import SnapshotMeta
+from app.stores import Stores
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -49,8 +49,8 @@ def tiny_png(i: int) -> bytes:
 def build_history(home: Path, versions: int, sets: int) -> list[str]:
     """A home with this many versions and applied sets; returns the set ids."""
     settings = Settings(home=home, arch="resnet18", image_size=32)
-    ledger = Ledger(settings)
-    ids = [ledger.samples.add([tiny_png(i)], ["a" if i % 2 else "b"])[0].update_id for i in range(sets)]
+    stores = Stores(settings)
+    ids = [stores.samples.add([tiny_png(i)], ["a" if i % 2 else "b"])[0].update_id for i in range(sets)]
     per_version = max(sets // versions, 1)
     tiny = {"w": torch.zeros(1)}
     for v in range(versions):
@@ -60,7 +60,7 @@ def build_history(home: Path, versions: int, sets: int) -> list[str]:
             version=0, parent=v or None, classes=["a", "b"], arch="resnet18", image_size=32, base_weights="none",
             update_ids=chunk, metrics={"holdout_after": {"all": 1.0}},
         )
-        ledger.snapshots.publish(state, meta)
+        stores.snapshots.publish(state, meta)
     return ids
 
 
@@ -142,14 +142,14 @@ def run_steps(steps: int, set_size: int, out: Path) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings(home=Path(tmp) / "home", arch="resnet18", image_size=32, device="cpu", seed=0)
-        ledger = Ledger(settings)
-        ledger.samples.add([i for c in data.classes for i in data.take(c, 20, rng)], [c for c in data.classes for _ in range(20)])
+        stores = Stores(settings)
+        stores.samples.add([i for c in data.classes for i in data.take(c, 20, rng)], [c for c in data.classes for _ in range(20)])
         apply_pending_updates(settings)  # version 1: every class, so later steps add no class
         for step in range(1, steps + 1):
             labels = [rng.choice(data.classes) for _ in range(set_size)]
-            ledger.samples.add([data.take(c, 1, rng)[0] for c in labels], labels)
+            stores.samples.add([data.take(c, 1, rng)[0] for c in labels], labels)
             clock = time.perf_counter()
-            results = apply_pending_updates(settings, ledger=ledger)  # as the service runs it; a reconsidered set may add a step
+            results = apply_pending_updates(settings, stores=stores)  # as the service runs it; a reconsidered set may add a step
             seconds = time.perf_counter() - clock
             m = results[-1].metrics
             rows.append({

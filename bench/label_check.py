@@ -37,11 +37,11 @@ from pathlib import Path
 import torch
 
 from app.datasets import fashion_mnist
-from app.ledger import Ledger
 from app.model import model_from_state
 from app.samples import Sample
 from app.settings import Settings
-from worker.gate import Outcomes, beta_binomial_cdf, check_labels, relabel_evidence
+from app.stores import Stores
+from worker.gate import Answers, beta_binomial_cdf, check_labels, relabel_evidence
 from worker.jobs import apply_pending_updates, replay_memory
 from worker.trainer import SampleTensors, predict_logits
 
@@ -51,36 +51,36 @@ SET_SIZE = 10
 
 def train_version(
     home: Path, per_class: int, seed: int, arch: str, image_size: int
-) -> tuple[Outcomes, dict[str, list[str]], dict[str, torch.Tensor]]:
+) -> tuple[Answers, dict[str, list[str]], dict[str, torch.Tensor]]:
     """A first version's outcomes on its holdout, and its predictions and log-probabilities for
     every test image, by true class."""
     settings = Settings(home=home, arch=arch, image_size=image_size, seed=seed)
-    ledger = Ledger(settings)
+    stores = Stores(settings)
     data = fashion_mnist("train")
     rng = random.Random(seed)
     images, labels = [], []
     for label in data.classes:
         images += data.take(label, per_class, rng)
         labels += [label] * per_class
-    ledger.samples.add(images, labels)
-    (step,) = apply_pending_updates(settings, ledger=ledger)
-    meta = ledger.snapshots.meta(step.version)
-    model = model_from_state(meta.arch, ledger.snapshots.weights(step.version))
+    stores.samples.add(images, labels)
+    (step,) = apply_pending_updates(settings, stores=stores)
+    meta = stores.snapshots.meta(step.model_version)
+    model = model_from_state(meta.arch, stores.snapshots.weights(step.model_version))
     index = {c: i for i, c in enumerate(meta.classes)}
     device = torch.device("cpu")
-    _, holdout = replay_memory(ledger, meta, index, image_size, settings.gate_holdout_per_class, seed)
-    known = Outcomes.of(predict_logits(model, holdout, device), holdout.labels, meta.classes)
+    _, holdout = replay_memory(stores, meta, index, image_size, settings.gate_holdout_per_class, seed)
+    known = Answers.of(predict_logits(model, holdout, device), holdout.labels, meta.classes)
     test = fashion_mnist("test")
     predictions, log_probs = {}, {}
     for label in meta.classes:
         samples = [Sample("test", i, label, data=png) for i, png in enumerate(test.by_class[label])]
         logits = predict_logits(model, SampleTensors(samples, index, image_size), device)
-        predictions[label] = list(Outcomes.of(logits, [label] * len(samples), meta.classes).predicted)
+        predictions[label] = list(Answers.of(logits, [label] * len(samples), meta.classes).predicted)
         log_probs[label] = torch.log_softmax(logits.float(), dim=1)
     return known, predictions, log_probs
 
 
-def before_rule_p(known: Outcomes, s: dict) -> float:
+def before_rule_p(known: Answers, s: dict) -> float:
     """The label check this bench replaced: the smaller p-value of its two beta-binomial tests
     (the images go to one other class more often than the version confuses the two; they agree
     with the label less often than its recall explains)."""
@@ -125,15 +125,15 @@ FACTORS = (3, 10, 30, 100, 1000)
 SOFT_THRESHOLDS = (0, 5, 10, 20, 40)
 
 
-def first_answers(predictions: dict[str, list[str]], per_class: int | None = None) -> Outcomes:
+def first_answers(predictions: dict[str, list[str]], per_class: int | None = None) -> Answers:
     """The version's answers on the first per_class test images of every class (all by default),
     as a record of answers on unseen images; sets are drawn from the other test images."""
     chosen = {c: ps[:per_class] for c, ps in predictions.items()}
-    return Outcomes(tuple(c for c, ps in chosen.items() for _ in ps), tuple(p for ps in chosen.values() for p in ps))
+    return Answers(tuple(c for c, ps in chosen.items() for _ in ps), tuple(p for ps in chosen.values() for p in ps))
 
 
-def joined(a: Outcomes, b: Outcomes) -> Outcomes:
-    return Outcomes(a.true + b.true, a.predicted + b.predicted)
+def joined(a: Answers, b: Answers) -> Answers:
+    return Answers(a.true + b.true, a.predicted + b.predicted)
 
 
 def soft_relabel(log_probs: dict[str, torch.Tensor], classes: list[str], label: str, images: list[tuple[str, int]]) -> float:
@@ -145,18 +145,18 @@ def soft_relabel(log_probs: dict[str, torch.Tensor], classes: list[str], label: 
     return float(gaps.max())
 
 
-def refused_by_check(known: Outcomes, factor: float):
+def refused_by_check(known: Answers, factor: float):
     """The service's check_labels at the default alpha and this factor."""
     alpha = Settings.model_fields["gate_label_alpha"].default
 
     def refused(s: dict) -> bool:
-        incoming = Outcomes((s["label"],) * len(s["answers"]), tuple(s["answers"]))
+        incoming = Answers((s["label"],) * len(s["answers"]), tuple(s["answers"]))
         return not check_labels(known, incoming, alpha, factor).passed
 
     return refused
 
 
-def rule_families(known: Outcomes, predictions: dict[str, list[str]], log_probs: dict[str, torch.Tensor]) -> dict[str, dict]:
+def rule_families(known: Answers, predictions: dict[str, list[str]], log_probs: dict[str, torch.Tensor]) -> dict[str, dict]:
     """Each family of rules as {threshold: refused(set) -> bool}."""
     classes = list(predictions)
     alpha = Settings.model_fields["gate_label_alpha"].default

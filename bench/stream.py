@@ -31,9 +31,10 @@ from pathlib import Path
 import httpx
 
 from app.datasets import LabelledImages, fashion_mnist
-from app.ledger import Ledger
 from app.model import model_from_state, select_device
+from app.samples import Sample
 from app.settings import Settings
+from app.stores import Stores
 from worker.jobs import apply_pending_updates
 from worker.trainer import SampleTensors, evaluate
 
@@ -170,14 +171,12 @@ def run_stream(sets: list[PostedSet], test: dict[str, list[bytes]], env: dict[st
 
 def joint_bound(sets: list[PostedSet], test: dict[str, list[bytes]], settings: Settings) -> dict[str, float]:
     """The same model trained once on every clean image of the stream, scored by the same evaluator."""
-    ledger = Ledger(settings)
+    stores = Stores(settings)
     clean = [s for s in sets if s.kind != "poisoned"]
-    ledger.samples.add([i for s in clean for i in s.images], [label for s in clean for label in s.labels])
+    stores.samples.add([i for s in clean for i in s.images], [label for s in clean for label in s.labels])
     [result] = apply_pending_updates(settings)
-    meta = ledger.snapshots.meta(result.version)
-    model = model_from_state(meta.arch, ledger.snapshots.weights(meta.version))
-    from app.samples import Sample
-
+    meta = stores.snapshots.meta(result.model_version)
+    model = model_from_state(meta.arch, stores.snapshots.weights(meta.version))
     samples = [Sample("test", i, label, data) for label, images in test.items() for i, data in enumerate(images)]
     tensors = SampleTensors(samples, {c: i for i, c in enumerate(meta.classes)}, meta.image_size)
     scores = evaluate(model, tensors, select_device(settings.device))

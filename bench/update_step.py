@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from app.datasets import fashion_mnist
-from app.ledger import Ledger
 from app.model import build_model, select_device
 from app.settings import Settings
+from app.stores import Stores
 from worker.jobs import apply_pending_updates
 from worker.trainer import iterations_for
 
@@ -63,13 +63,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         home=home, arch=args.arch, image_size=args.image_size, device=str(device), seed=0,
         gate_max_old_drop=1.0,  # every step publishes: the timed path includes the snapshot write
     )
-    ledger = Ledger(settings)
+    stores = Stores(settings)
     data = fashion_mnist("train")
     rng = random.Random(0)
     initial = data.classes[:4]
     images = [img for c in initial for img in data.take(c, args.old_per_class, rng)]
     labels = [c for c in initial for _ in range(args.old_per_class)]
-    ledger.samples.add(images, labels)
+    stores.samples.add(images, labels)
     apply_pending_updates(settings.model_copy(update={"iterations": "5"}))  # version 1: the replay memory
     iterations = iterations_for(settings.iterations, args.update_size, 0, settings.batch_size)
     print(
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
 
     def one_step(label: str) -> float:
-        ledger.samples.add(data.take(label, args.update_size, rng), [label] * args.update_size)
+        stores.samples.add(data.take(label, args.update_size, rng), [label] * args.update_size)
         start = time.perf_counter()
         [result] = apply_pending_updates(settings)
         assert result.status == "applied", result

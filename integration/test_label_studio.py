@@ -119,7 +119,7 @@ def updates_by_status(server: Server) -> dict[str, float]:
     with server.client(headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as c:
         text = c.get("/metrics").text
     return {
-        line.split('"')[1]: float(line.split()[-1]) for line in text.splitlines() if line.startswith("warmtune_updates_total{")
+        line.split('"')[1]: float(line.split()[-1]) for line in text.splitlines() if line.startswith("warmtune_updates{")
     }
 
 

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from app.datasets import fashion_mnist
-from app.ledger import Ledger
 from app.settings import Settings
+from app.stores import Stores
 
 
 def warmtune(*args: str, env: dict[str, str], code: int = 0) -> str:
@@ -46,14 +46,14 @@ def test_ingest_and_update_learn_fashion_mnist(tmp_path):
     assert holdout_all(second) >= 0.6  # chance is 0.33
 
     # trousers labelled Bag: refused, retried from the command line, refused again
-    ledger = Ledger(Settings(home=tmp_path))
+    stores = Stores(Settings(home=tmp_path))
     trousers = fashion_mnist("test").take("Trouser", 20, random.Random(3))
-    slip, _ = ledger.samples.add(trousers, ["Bag"] * 20, known_classes=["Trouser", "Bag", "Sneaker"])
+    slip, _ = stores.samples.add(trousers, ["Bag"] * 20, known_classes=["Trouser", "Bag", "Sneaker"])
     [refused] = warmtune("update", env=env, code=1).splitlines()
     assert refused.startswith("rejected 1 set(s)") and "labels contradict the current version" in refused and "'Bag'" in refused
     assert "queued " + slip.update_id in warmtune("retry", slip.update_id, env=env)
-    assert ledger.status(slip.update_id).status == "queued"
+    assert stores.status(slip.update_id).status == "queued"
     warmtune("update", env=env, code=1)
-    assert [a.status for a in ledger.status(slip.update_id).attempts] == ["rejected", "requeued", "rejected"]
-    applied = ledger.snapshots.meta(1).update_ids[0]
+    assert [a.status for a in stores.status(slip.update_id).attempts] == ["rejected", "requeued", "rejected"]
+    applied = stores.snapshots.meta(1).update_ids[0]
     assert "is applied; only rejected, failed, orphaned sets can be retried" in warmtune("retry", applied, env=env, code=2)

@@ -8,8 +8,8 @@ from conftest import FAST
 from imagegen import image_tree
 
 from app.demo import demo_settings, run_demo
-from worker.jobs import apply_pending_updates
 from app.settings import Settings
+from worker.jobs import apply_pending_updates
 
 
 def test_demo_streams_sets_and_the_client_sees_every_version(tmp_path: Path, capsys):

@@ -44,9 +44,9 @@ def test_experiment_writes_consistent_csv_plots_and_table(tmp_path: Path):
         assert png.startswith(b"\x89PNG") and len(png) > 10_000
         for setting in STUDIES[study]:
             final = [float(r["accuracy"]) for r in rows if r["study"] == study and r["setting"] == setting.name and r["step"] == str(steps)]
-            line = next(l for l in table.splitlines() if l.startswith(f"| {setting.name} |"))
+            line = next(row for row in table.splitlines() if row.startswith(f"| {setting.name} |"))
             assert re.search(rf"\| {statistics.fmean(final):.3f} ± {statistics.stdev(final):.3f} \|", line), line
-    gate_on = next(l for l in table.splitlines() if l.startswith("| 30% noise, gate on |"))
+    gate_on = next(row for row in table.splitlines() if row.startswith("| 30% noise, gate on |"))
     rejected = sum(r["status"] == "rejected" for r in rows if r["setting"] == "30% noise, gate on") / TINY.repeats
     assert f"{rejected:.1f} of {steps} |" in gate_on
 

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from worker.gate import (
-    Outcomes,
+    Answers,
     beta_binomial_cdf,
     check_labels,
     check_old_knowledge,
@@ -15,10 +15,10 @@ from worker.gate import (
 )
 
 
-def outcomes(*groups: tuple[str, str, int]) -> Outcomes:
-    """Outcomes from (true label, predicted label, count) groups."""
+def outcomes(*groups: tuple[str, str, int]) -> Answers:
+    """Answers from (true label, predicted label, count) groups."""
     pairs = [(t, p) for t, p, n in groups for _ in range(n)]
-    return Outcomes(tuple(t for t, _ in pairs), tuple(p for _, p in pairs))
+    return Answers(tuple(t for t, _ in pairs), tuple(p for _, p in pairs))
 
 
 # The current version on its old holdout: it knows three classes well.
@@ -79,7 +79,7 @@ def test_one_image_answered_as_another_class_is_not_a_relabelled_set():
 def test_a_class_known_from_a_few_answers_is_not_judged_by_the_relabel_test():
     # Dress learned from one set: one holdout answer. Dresses the version still answers as
     # T-shirts and shirts are not evidence of a slip yet; with ten known answers they would be.
-    def known(dress_answers: int) -> Outcomes:
+    def known(dress_answers: int) -> Answers:
         return outcomes(("T-shirt/top", "T-shirt/top", 20), ("T-shirt/top", "Shirt", 12), ("Dress", "Dress", dress_answers))
 
     dresses = outcomes(("Dress", "T-shirt/top", 6), ("Dress", "Shirt", 4))
@@ -108,7 +108,7 @@ def test_a_long_record_tells_look_alikes_apart_where_a_small_holdout_cannot():
     # The version answers Shirt for 60 % of shirts and 30 % of T-shirts. A set of shirts labelled
     # T-shirt/top, answered Shirt 8 and T-shirt/top 2: with 3 holdout images of each class that is
     # not enough evidence; with 50 answers of each from the record it is.
-    def known(n: int) -> Outcomes:
+    def known(n: int) -> Answers:
         return outcomes(
             ("Shirt", "Shirt", round(0.6 * n)), ("Shirt", "T-shirt/top", n - round(0.6 * n)),
             ("T-shirt/top", "Shirt", round(0.3 * n)), ("T-shirt/top", "T-shirt/top", n - round(0.3 * n)),
@@ -146,7 +146,7 @@ def test_a_class_the_model_barely_knows_tolerates_disagreement():
     assert check_labels(weak, outcomes(("Shirt", "Coat", 8), ("Shirt", "Shirt", 2)), alpha=0.01, factor=10).passed
 
 
-# After training: the candidate read among the old classes only (the job does this with Outcomes.of).
+# After training: the candidate read among the old classes only (the job does this with Answers.of).
 BEFORE = outcomes(("Shirt", "Shirt", 10), ("Trouser", "Trouser", 10), ("Coat", "Coat", 10))
 
 
@@ -161,8 +161,8 @@ def test_confusion_with_a_new_class_does_not_count_as_forgetting():
         logits[i, i // 10] = 2.0
     logits[:6, 3] = 3.0  # six shirts now look most like Pullover
     true = [c for c in classes[:3] for _ in range(10)]
-    everything = Outcomes.of(logits, true, classes)
-    among_old = Outcomes.of(logits, true, classes[:3])
+    everything = Answers.of(logits, true, classes)
+    among_old = Answers.of(logits, true, classes[:3])
     assert everything.accuracy() == pytest.approx(24 / 30)
     assert among_old.accuracy() == 1.0
     assert check_old_knowledge(BEFORE, among_old, max_drop=0.05, alpha=0.05).passed
@@ -176,8 +176,8 @@ def test_an_old_class_confused_with_another_old_class_is_refused_with_the_number
 
 
 def test_a_drop_within_the_noise_of_a_small_holdout_passes():
-    before = Outcomes(tuple("a" * 33), tuple("a" * 30 + "bbb"))
-    after = Outcomes(tuple("a" * 33), tuple("bbb" + "a" * 28 + "bb"))  # 3 lost, 1 won: 6 points
+    before = Answers(tuple("a" * 33), tuple("a" * 30 + "bbb"))
+    after = Answers(tuple("a" * 33), tuple("bbb" + "a" * 28 + "bb"))  # 3 lost, 1 won: 6 points
     verdict = check_old_knowledge(before, after, 0.05, alpha=0.05)
     assert verdict.passed and "3 lost, 1 won of 33" in verdict.reason
     assert not check_old_knowledge(before, after, 0.05, alpha=0).passed  # the margin alone refuses it
@@ -186,8 +186,8 @@ def test_a_drop_within_the_noise_of_a_small_holdout_passes():
 def test_three_lost_and_none_won_is_noise_by_the_exact_sign_test():
     # A clean set of 10 Fashion-MNIST images was refused so: 3 of 38 old holdout samples lost, none
     # won. The normal approximation gives z = 1.73 > 1.645; the exact one-sided p is 1/8.
-    before = Outcomes(tuple("a" * 38), tuple("a" * 26 + "b" * 12))
-    after = Outcomes(tuple("a" * 38), tuple("bbb" + "a" * 23 + "b" * 12))
+    before = Answers(tuple("a" * 38), tuple("a" * 26 + "b" * 12))
+    after = Answers(tuple("a" * 38), tuple("bbb" + "a" * 23 + "b" * 12))
     assert sign_test_p(3, 0) == 0.125 and sign_test_p(8, 0) == 1 / 256 and sign_test_p(0, 0) == 1.0
     verdict = check_old_knowledge(before, after, 0.05, alpha=0.05)
     assert verdict.passed and "p = 0.125" in verdict.reason
@@ -195,7 +195,7 @@ def test_three_lost_and_none_won_is_noise_by_the_exact_sign_test():
 
 
 def test_no_old_holdout_means_nothing_to_compare():
-    assert check_old_knowledge(Outcomes((), ()), Outcomes((), ()), 0.05, 0.05).passed
+    assert check_old_knowledge(Answers((), ()), Answers((), ()), 0.05, 0.05).passed
 
 
 def test_a_diverged_candidate_is_refused():

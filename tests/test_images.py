@@ -1,9 +1,8 @@
 import io
+import struct
 
 import pytest
 from PIL import Image
-
-import struct
 
 from app.errors import InvalidImage, TooLarge
 from app.images import check_pixel_budget, decode_image, image_to_pixels, normalize, pixel_transform, to_pixels

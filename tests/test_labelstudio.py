@@ -106,7 +106,7 @@ def event(action: str, annotation_: dict | None = None, task_: dict | None = Non
 
 def by_status(server: Server) -> dict[str, float]:
     text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {ADMIN}"}).text
-    lines = [line for line in text.splitlines() if line.startswith("warmtune_updates_total{")]
+    lines = [line for line in text.splitlines() if line.startswith("warmtune_updates{")]
     return {line.split('"')[1]: float(line.split()[-1]) for line in lines if float(line.split()[-1])}
 
 

@@ -83,7 +83,7 @@ def test_a_promote_back_and_forth_leaves_every_set_applied_or_visibly_orphaned(s
         assert after_rollback[first]["status"] == "applied"
         for u in (blue, more_red):
             assert after_rollback[u]["status"] == "orphaned" and "retry it" in after_rollback[u]["error"]
-        assert 'warmtune_updates_total{status="orphaned"} 2.0' in c.get("/metrics").text
+        assert 'warmtune_updates{status="orphaned"} 2.0' in c.get("/metrics").text
 
         assert c.post(f"/models/{latest}/promote").status_code == 200  # forward again: nothing orphaned
         assert statuses(c, [first, blue, more_red]) == dict.fromkeys([first, blue, more_red], "applied")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import re
 import threading
 import time
@@ -12,8 +13,6 @@ from pathlib import Path
 import pytest
 from imagegen import make_image, make_set
 from service import Server, fast_env, start_server, upload, wait_for_update, wait_until_served
-
-import random
 
 
 @pytest.fixture
@@ -79,10 +78,13 @@ def test_first_update_new_class_and_promote_back(server: Server):
             "warmtune_model_version 1.0", "warmtune_model_classes 2.0", "warmtune_swaps_total 3.0",
             "warmtune_swap_seconds_count", 'warmtune_predict_requests_total{status="200",version="2"}',
             'warmtune_predict_requests_total{status="503",version="none"} 1.0', "warmtune_predict_latency_seconds_count",
-            "warmtune_predict_batch_size_count", 'warmtune_updates_total{status="applied"} 1.0',
-            'warmtune_updates_total{status="orphaned"} 1.0',  # blue: applied only in version 2, which the promote left
+            "warmtune_predict_batch_size_count", 'warmtune_updates{status="applied"} 1.0',
+            'warmtune_updates{status="orphaned"} 1.0',  # blue: applied only in version 2, which the promote left
             "warmtune_update_duration_seconds_count 2.0", "warmtune_update_queue_depth 0.0",
-            'warmtune_holdout_accuracy{scope="all"}', 'warmtune_last_job{status="applied"} 1.0',
+            'warmtune_holdout_accuracy{scope="all"}', 'warmtune_last_step{status="applied"} 1.0',
+            # the old names, kept for one release
+            'warmtune_updates_total{status="applied"} 1.0', 'warmtune_last_job{status="applied"} 1.0',
+            "warmtune_last_job_timestamp_seconds",
         ]:
             assert name in metrics, name
 
@@ -275,5 +277,5 @@ def test_an_unreadable_set_is_quarantined_and_the_others_go_on(server: Server, t
             assert status["status"] == "quarantined" and "could not be read" in status["error"], status
             assert (samples / "quarantine" / f"{update_id}.zip").exists()  # moved aside, never deleted
             assert c.post(f"/updates/{update_id}/retry").status_code == 409
-        assert 'warmtune_updates_total{status="quarantined"} 2.0' in c.get("/metrics").text
+        assert 'warmtune_updates{status="quarantined"} 2.0' in c.get("/metrics").text
         assert "quarantined" in server.output()

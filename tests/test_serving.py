@@ -2,12 +2,12 @@
 
 import torch
 
-from app.serving import fit, top_predictions
+from app.serving import resize_to, top_predictions
 
 
 def test_requests_prepared_before_a_swap_are_resized_to_the_new_input_size():
     old, new = torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.zeros(1, 3, 16, 16, dtype=torch.uint8)
-    batch = torch.cat([fit(old, 16), fit(new, 16)])
+    batch = torch.cat([resize_to(old, 16), resize_to(new, 16)])
     assert batch.shape == (3, 3, 16, 16) and batch.dtype == torch.uint8
 
 

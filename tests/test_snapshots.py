@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from app.errors import LineageMoved, UnknownVersion, VersionPruned
-from app.snapshots import Outcome, SnapshotMeta, SnapshotStore
+from app.snapshots import AttemptRecord, SnapshotMeta, SnapshotStore
 
 
 def meta(parent, classes=("a", "b"), update_ids=("u1",)) -> SnapshotMeta:
@@ -76,10 +76,10 @@ def test_a_crash_between_writing_and_the_pointer_leaves_nothing_served(tmp_path)
     assert not (tmp_path / ".tmp-abandoned").exists()
 
 
-def test_outcomes_are_recorded_and_read_back(tmp_path):
+def test_attempt_records_are_written_and_read_back(tmp_path):
     store = SnapshotStore(tmp_path)
-    store.record_outcome(Outcome(outcome_id="o1", status="rejected", parent=None, update_ids=["u1"], reason="bad"))
-    again = SnapshotStore(tmp_path).outcomes()
+    store.record_attempt(AttemptRecord(outcome_id="o1", status="rejected", parent=None, update_ids=["u1"], reason="bad"))
+    again = SnapshotStore(tmp_path).attempt_records()
     assert [(o.status, o.update_ids, o.reason) for o in again] == [("rejected", ["u1"], "bad")]
 
 

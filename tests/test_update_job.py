@@ -9,16 +9,16 @@ import torch.nn.functional as F
 from imagegen import make_set, poisoned_set
 
 from app.errors import NotRetryable
-from app.ledger import Ledger
 from app.model import build_model
+from app.stores import Stores
 from worker.jobs import apply_pending_updates
 from worker.trainer import TrainStats
 
 
-def add(ledger: Ledger, images, labels) -> str:
-    current = ledger.snapshots.current()
-    known = ledger.snapshots.meta(current).classes if current else []
-    update, _ = ledger.samples.add(images, labels, known_classes=known)
+def add(stores: Stores, images, labels) -> str:
+    current = stores.snapshots.current()
+    known = stores.snapshots.meta(current).classes if current else []
+    update, _ = stores.samples.add(images, labels, known_classes=known)
     return update.update_id
 
 
@@ -27,51 +27,51 @@ def similarity(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_three_steps_then_a_poisoned_set_is_rejected(settings):
-    ledger = Ledger(settings)
+    stores = Stores(settings)
 
     # step 1: two initial classes
-    first = add(ledger, *make_set({"red": 30, "green": 30}, seed=1))
-    assert ledger.status(first).status == "queued"
+    first = add(stores, *make_set({"red": 30, "green": 30}, seed=1))
+    assert stores.status(first).status == "queued"
     [r1] = apply_pending_updates(settings)
-    assert (r1.status, r1.version) == ("applied", 1)
-    assert sorted(ledger.snapshots.meta(1).classes) == ["green", "red"]
+    assert (r1.status, r1.model_version) == ("applied", 1)
+    assert sorted(stores.snapshots.meta(1).classes) == ["green", "red"]
     assert r1.metrics["holdout_after"]["new"] >= 0.8
 
     # step 2: a new class grows the head, warm-started from version 1
-    second = add(ledger, *make_set({"blue": 30}, seed=2))
+    second = add(stores, *make_set({"blue": 30}, seed=2))
     [r2] = apply_pending_updates(settings)
-    meta2 = ledger.snapshots.meta(2)
-    assert meta2.classes == ledger.snapshots.meta(1).classes + ["blue"]
+    meta2 = stores.snapshots.meta(2)
+    assert meta2.classes == stores.snapshots.meta(1).classes + ["blue"]
     assert (meta2.parent, r2.metrics["warm_start_from"], r2.metrics["new_classes"]) == (1, 1, ["blue"])
-    v1, v2 = ledger.snapshots.weights(1), ledger.snapshots.weights(2)
+    v1, v2 = stores.snapshots.weights(1), stores.snapshots.weights(2)
     fresh = build_model("resnet18", 3).state_dict()
     assert similarity(v2["layer1.0.conv1.weight"], v1["layer1.0.conv1.weight"]) > 0.99
     assert abs(similarity(fresh["layer1.0.conv1.weight"], v1["layer1.0.conv1.weight"])) < 0.1
     assert r2.metrics["samples_old"] > 0 and r2.metrics["holdout_after"]["new"] >= 0.8
 
     # step 3: more samples of a known class; two sets coalesce into one step
-    third = [add(ledger, *make_set({"red": 10}, seed=s)) for s in (3, 4)]
+    third = [add(stores, *make_set({"red": 10}, seed=s)) for s in (3, 4)]
     [r3] = apply_pending_updates(settings)
-    assert r3.version == 3 and ledger.snapshots.meta(3).update_ids == third
-    assert ledger.snapshots.meta(3).classes == meta2.classes
+    assert r3.model_version == 3 and stores.snapshots.meta(3).update_ids == third
+    assert stores.snapshots.meta(3).classes == meta2.classes
 
     # poisoned sets (green and blue images labelled red) contradict what version 3 knows: each is
     # refused on its own, before any training
-    poison = [add(ledger, *poisoned_set("green", "red", 60, seed=5)), add(ledger, *poisoned_set("blue", "red", 60, seed=6))]
+    poison = [add(stores, *poisoned_set("green", "red", 60, seed=5)), add(stores, *poisoned_set("blue", "red", 60, seed=6))]
     r4 = apply_pending_updates(settings)
     assert [r.status for r in r4] == ["rejected", "rejected"] and {r.update_ids[0] for r in r4} == set(poison)
-    assert ledger.snapshots.current() == 3 and ledger.snapshots.versions() == [1, 2, 3]
-    status = ledger.status(poison[0])
+    assert stores.snapshots.current() == 3 and stores.snapshots.versions() == [1, 2, 3]
+    status = stores.status(poison[0])
     # (green is known from 3 holdout answers, too few to compete in the relabel test: the
     # agreement test refuses the set)
     assert status.status == "rejected" and "labels contradict the current version" in status.error
     assert "0 of 60 images labelled 'red' agree with it" in status.error
     # version 3 recorded what version 2 answered for the red images before training on them
-    assert sum(ledger.snapshots.meta(3).metrics["answers_before_training"]["red"].values()) == 20
+    assert sum(stores.snapshots.meta(3).metrics["answers_before_training"]["red"].values()) == 20
 
-    assert [ledger.status(u).status for u in [first, second, *third]] == ["applied"] * 4
-    assert ledger.status(second).model_version == 2
-    assert ledger.pending() == []
+    assert [stores.status(u).status for u in [first, second, *third]] == ["applied"] * 4
+    assert stores.status(second).model_version == 2
+    assert stores.pending() == []
     assert apply_pending_updates(settings) == []
 
 
@@ -82,13 +82,13 @@ def test_without_the_label_check_the_candidate_that_forgets_old_classes_is_refus
     settings = make_settings(
         gate_label_alpha=0.0, gate_relabel_factor=0.0, replay_lambda=0.0, iterations="50", consolidate_growth=0
     )
-    ledger = Ledger(settings)
-    add(ledger, *make_set({"red": 60, "green": 60, "blue": 60}, seed=1))  # a holdout of 18
+    stores = Stores(settings)
+    add(stores, *make_set({"red": 60, "green": 60, "blue": 60}, seed=1))  # a holdout of 18
     apply_pending_updates(settings)
-    poison = add(ledger, *poisoned_set("green", "red", 60, seed=5))
+    poison = add(stores, *poisoned_set("green", "red", 60, seed=5))
     [result] = apply_pending_updates(settings)
     assert result.status == "rejected", (result.metrics["gate"], result.metrics["holdout_after_per_class"])
-    status = ledger.status(poison)
+    status = stores.status(poison)
     assert "the candidate would forget old classes" in status.error and "green" in status.error
     before, after = status.metrics["old_classes_apart"]["before"], status.metrics["old_classes_apart"]["after"]
     assert after < before - settings.gate_max_old_drop
@@ -96,81 +96,81 @@ def test_without_the_label_check_the_candidate_that_forgets_old_classes_is_refus
 
 def test_a_rejected_set_is_kept_retried_on_request_and_reconsidered_a_bounded_number_of_times(make_settings):
     settings = make_settings(retry_auto_max=1)
-    ledger = Ledger(settings)
-    add(ledger, *make_set({"red": 30, "green": 30}, seed=1))
+    stores = Stores(settings)
+    add(stores, *make_set({"red": 30, "green": 30}, seed=1))
     apply_pending_updates(settings)
-    poison = add(ledger, *poisoned_set("green", "red", 20, seed=5))
+    poison = add(stores, *poisoned_set("green", "red", 20, seed=5))
     apply_pending_updates(settings)
-    assert ledger.status(poison).status == "rejected"
+    assert stores.status(poison).status == "rejected"
     with pytest.raises(NotRetryable, match="applied"):
-        ledger.requeue(ledger.snapshots.meta(1).update_ids[0], "by hand")
+        stores.requeue(stores.snapshots.meta(1).update_ids[0], "by hand")
 
     # retried by hand: queued, tried again, rejected again; every attempt is in its history
-    ledger.requeue(poison, "retried by an annotator")
-    assert ledger.status(poison).status == "queued" and [u.update_id for u in ledger.pending()] == [poison]
+    stores.requeue(poison, "retried by an annotator")
+    assert stores.status(poison).status == "queued" and [u.update_id for u in stores.pending()] == [poison]
     apply_pending_updates(settings)
-    attempts = ledger.status(poison).attempts
+    attempts = stores.status(poison).attempts
     assert [a.status for a in attempts] == ["rejected", "requeued", "rejected"]
     assert attempts[1].reason == "retried by an annotator" and "labels contradict" in attempts[2].reason
 
     # more red applied: the red-labelled set is reconsidered once by itself, then left alone
-    add(ledger, *make_set({"red": 10}, seed=7))
+    add(stores, *make_set({"red": 10}, seed=7))
     results = apply_pending_updates(settings)
     assert [r.status for r in results] == ["applied", "rejected"]
-    add(ledger, *make_set({"red": 10}, seed=8))
+    add(stores, *make_set({"red": 10}, seed=8))
     assert [r.status for r in apply_pending_updates(settings)] == ["applied"]
-    attempts = ledger.status(poison).attempts
+    attempts = stores.status(poison).attempts
     assert [a.status for a in attempts].count("requeued") == 2
     assert attempts[-2].reason.startswith("reconsidered: version 2 applied more images of red")
 
 
 def test_after_a_rollback_the_next_version_grows_from_the_promoted_one(settings):
-    ledger = Ledger(settings)
-    add(ledger, *make_set({"red": 20, "green": 20}, seed=1))
+    stores = Stores(settings)
+    add(stores, *make_set({"red": 20, "green": 20}, seed=1))
     apply_pending_updates(settings)
-    blue = add(ledger, *make_set({"blue": 20}, seed=2))
+    blue = add(stores, *make_set({"blue": 20}, seed=2))
     apply_pending_updates(settings)
-    ledger.snapshots.promote(1)
+    stores.snapshots.promote(1)
 
     # blue is new again on this branch
-    add(ledger, *make_set({"blue": 20}, seed=3))
+    add(stores, *make_set({"blue": 20}, seed=3))
     [result] = apply_pending_updates(settings)
 
-    meta = ledger.snapshots.meta(result.version)
-    assert (result.version, meta.parent) == (3, 1)
-    assert meta.classes == ledger.snapshots.meta(1).classes + ["blue"]
-    assert blue not in {u.update_id for u in ledger.replay_sets(3)}  # blue belongs to the abandoned branch
-    status = ledger.status(blue)
+    meta = stores.snapshots.meta(result.model_version)
+    assert (result.model_version, meta.parent) == (3, 1)
+    assert meta.classes == stores.snapshots.meta(1).classes + ["blue"]
+    assert blue not in {u.update_id for u in stores.replay_sets(3)}  # blue belongs to the abandoned branch
+    status = stores.status(blue)
     assert status.status == "orphaned" and "retry it" in status.error
-    assert ledger.counts()["orphaned"] == 1
+    assert stores.counts()["orphaned"] == 1
 
     # promoting the abandoned branch again makes it applied again; retrying applies it on this branch
-    ledger.snapshots.promote(2)
-    assert ledger.status(blue).status == "applied"
-    ledger.snapshots.promote(3)
-    ledger.requeue(blue, "re-apply after rollback")
+    stores.snapshots.promote(2)
+    assert stores.status(blue).status == "applied"
+    stores.snapshots.promote(3)
+    stores.requeue(blue, "re-apply after rollback")
     [again] = apply_pending_updates(settings)
-    assert (again.version, ledger.snapshots.meta(4).parent) == (4, 3)
-    assert ledger.status(blue).status == "applied" and ledger.status(blue).model_version == 4
-    assert blue in {u.update_id for u in ledger.replay_sets(4)}
+    assert (again.model_version, stores.snapshots.meta(4).parent) == (4, 3)
+    assert stores.status(blue).status == "applied" and stores.status(blue).model_version == 4
+    assert blue in {u.update_id for u in stores.replay_sets(4)}
 
 
 def test_a_step_that_fails_is_recorded_and_the_job_goes_on(make_settings):
     broken = make_settings(arch="nonesuch")
-    ledger = Ledger(broken)
-    update = add(ledger, *make_set({"red": 4}, seed=1))
+    stores = Stores(broken)
+    update = add(stores, *make_set({"red": 4}, seed=1))
     [result] = apply_pending_updates(broken)
     assert result.status == "failed"
-    status = ledger.status(update)
+    status = stores.status(update)
     assert status.status == "failed" and "unknown architecture 'nonesuch'" in status.error
 
 
 def test_a_step_that_fails_after_refusing_a_set_leaves_that_set_rejected(settings, monkeypatch):
-    ledger = Ledger(settings)
-    add(ledger, *make_set({"red": 30, "green": 30}, seed=1))
+    stores = Stores(settings)
+    add(stores, *make_set({"red": 30, "green": 30}, seed=1))
     apply_pending_updates(settings)
-    poison = add(ledger, *poisoned_set("green", "red", 20, seed=5))
-    clean = add(ledger, *make_set({"blue": 10}, seed=6))
+    poison = add(stores, *poisoned_set("green", "red", 20, seed=5))
+    clean = add(stores, *make_set({"blue": 10}, seed=6))
 
     def broken(*args, **kwargs):
         raise RuntimeError("the GPU fell off")
@@ -178,29 +178,29 @@ def test_a_step_that_fails_after_refusing_a_set_leaves_that_set_rejected(setting
     monkeypatch.setattr("worker.jobs.train_candidate", broken)
     results = apply_pending_updates(settings)
     assert [(r.status, r.update_ids) for r in results] == [("failed", [clean])]  # the poison was refused first
-    assert ledger.status(poison).status == "rejected" and ledger.status(clean).status == "failed"
+    assert stores.status(poison).status == "rejected" and stores.status(clean).status == "failed"
 
 
 def test_running_is_reported_while_a_job_holds_the_update(settings):
-    ledger = Ledger(settings)
-    update = add(ledger, *make_set({"red": 4}, seed=1))
-    ledger.mark_running([update], lease_s=30)
-    assert ledger.status(update).status == "running"
-    assert ledger.counts()["running"] == 1
-    ledger.mark_running([update], lease_s=-1)  # a dead job's marker expires by itself
-    assert ledger.status(update).status == "queued"
+    stores = Stores(settings)
+    update = add(stores, *make_set({"red": 4}, seed=1))
+    stores.mark_running([update], lease_s=30)
+    assert stores.status(update).status == "running"
+    assert stores.counts()["running"] == 1
+    stores.mark_running([update], lease_s=-1)  # a dead job's marker expires by itself
+    assert stores.status(update).status == "queued"
 
 
 def test_the_batched_trigger_waits_for_enough_samples_or_time_then_takes_them_in_one_step(make_settings):
     settings = make_settings(trigger="batched", trigger_samples=30, trigger_wait_s=3600)
-    ledger = Ledger(settings)
-    small = add(ledger, *make_set({"red": 10, "green": 10}, seed=1))
-    assert apply_pending_updates(settings) == [] and ledger.status(small).status == "queued"
-    more = add(ledger, *make_set({"red": 5, "green": 5}, seed=2))  # 30 samples pending now
+    stores = Stores(settings)
+    small = add(stores, *make_set({"red": 10, "green": 10}, seed=1))
+    assert apply_pending_updates(settings) == [] and stores.status(small).status == "queued"
+    more = add(stores, *make_set({"red": 5, "green": 5}, seed=2))  # 30 samples pending now
     [step] = apply_pending_updates(settings)
-    assert (step.status, step.version, sorted(step.update_ids)) == ("applied", 1, sorted([small, more]))
+    assert (step.status, step.model_version, sorted(step.update_ids)) == ("applied", 1, sorted([small, more]))
 
-    late = add(ledger, *make_set({"blue": 4}, seed=3))
+    late = add(stores, *make_set({"blue": 4}, seed=3))
     assert apply_pending_updates(settings) == []
     waited = make_settings(trigger="batched", trigger_samples=30, trigger_wait_s=0.5)
     deadline = time.monotonic() + 30
@@ -212,7 +212,7 @@ def test_the_batched_trigger_waits_for_enough_samples_or_time_then_takes_them_in
 
 def test_the_label_check_reads_the_newest_answers_of_the_lineage_up_to_the_cap():
     from app.snapshots import SnapshotMeta
-    from worker.gate import Outcomes
+    from worker.gate import Answers
     from worker.jobs import RECORD, known_answers
 
     def meta(version: int, record: dict) -> SnapshotMeta:
@@ -227,15 +227,15 @@ def test_the_label_check_reads_the_newest_answers_of_the_lineage_up_to_the_cap()
             read.append(m.version)
             yield m
 
-    holdout = Outcomes(("a",), ("a",))
+    holdout = Answers(("a",), ("a",))
     known = known_answers(holdout, lineage(), ["a", "b"], per_class=5)
     # a: the holdout, then version 3's five answers (full); b: version 2's five; version 1 is never read
-    assert Counter(zip(known.true, known.predicted)) == {("a", "a"): 5, ("a", "b"): 1, ("b", "b"): 5}
+    assert Counter(zip(known.true, known.predicted, strict=True)) == {("a", "a"): 5, ("a", "b"): 1, ("b", "b"): 5}
     assert read == [3, 2]
 
 
 def test_a_set_the_relabel_test_refused_must_be_explained_by_its_label_when_reconsidered(settings):
-    from app.ledger import Attempt
+    from app.stores import Attempt
     from worker.jobs import relabel_factor
 
     refused = Attempt("rejected", 1.0, 3, "labels contradict", {"refused_by": "relabel"})
@@ -256,21 +256,21 @@ def test_a_set_the_relabel_test_refused_must_be_explained_by_its_label_when_reco
 
 def test_a_step_retrains_on_the_whole_memory_once_it_has_grown_by_the_factor(settings):
     settings = settings.model_copy(update={"consolidate_growth": 1.5, "bootstrap_max_epochs": 8, "bootstrap_patience": 3})
-    ledger = Ledger(settings)
-    add(ledger, *make_set({"red": 20, "green": 20}, seed=1))  # 36 training samples after the holdout
+    stores = Stores(settings)
+    add(stores, *make_set({"red": 20, "green": 20}, seed=1))  # 36 training samples after the holdout
     [first] = apply_pending_updates(settings)
     assert first.metrics["consolidated"] and first.metrics["epochs"] >= 1
-    add(ledger, *make_set({"red": 10}, seed=2))  # 36 + 9 = 45 < 1.5 * 36: the paper's short fine-tune
+    add(stores, *make_set({"red": 10}, seed=2))  # 36 + 9 = 45 < 1.5 * 36: the paper's short fine-tune
     [short] = apply_pending_updates(settings)
     assert not short.metrics["consolidated"] and short.metrics["iterations"] == 9
-    add(ledger, *make_set({"blue": 10}, seed=3))  # 45 + 9 = 54 >= 54: every sample, epochs until the holdout stops improving
+    add(stores, *make_set({"blue": 10}, seed=3))  # 45 + 9 = 54 >= 54: every sample, epochs until the holdout stops improving
     [whole] = apply_pending_updates(settings)
     assert whole.status == "applied" and whole.metrics["consolidated"]
     assert whole.metrics["iterations"] >= whole.metrics["epochs"] * (54 // settings.batch_size)
-    assert [m.metrics["consolidated"] for m in ledger.snapshots.ancestors(whole.version)] == [True, False, True]
+    assert [m.metrics["consolidated"] for m in stores.snapshots.ancestors(whole.model_version)] == [True, False, True]
 
     off = settings.model_copy(update={"consolidate_growth": 0})
-    add(ledger, *make_set({"blue": 30}, seed=4))
+    add(stores, *make_set({"blue": 30}, seed=4))
     [never] = apply_pending_updates(off)
     assert not never.metrics["consolidated"]
 
@@ -278,8 +278,8 @@ def test_a_step_retrains_on_the_whole_memory_once_it_has_grown_by_the_factor(set
 def test_a_short_fine_tune_that_would_forget_old_classes_is_tried_again_on_the_whole_memory(settings, monkeypatch):
     # no consolidation by growth here; few epochs: the colours are learned in a handful
     settings = settings.model_copy(update={"consolidate_growth": 10.0, "bootstrap_max_epochs": 8, "bootstrap_patience": 3})
-    ledger = Ledger(settings)
-    add(ledger, *make_set({"red": 40, "green": 40, "blue": 40}, seed=1))
+    stores = Stores(settings)
+    add(stores, *make_set({"red": 40, "green": 40, "blue": 40}, seed=1))
     apply_pending_updates(settings)
 
     def forgetful_fine_tune(model, *args, **kwargs):  # what a short fine-tune can do to a weak network
@@ -289,24 +289,24 @@ def test_a_short_fine_tune_that_would_forget_old_classes_is_tried_again_on_the_w
         return TrainStats(iterations=9, loss=1.0, seconds=0.0)
 
     monkeypatch.setattr("worker.jobs.fine_tune", forgetful_fine_tune)
-    add(ledger, *make_set({"yellow": 10}, seed=2))
+    add(stores, *make_set({"yellow": 10}, seed=2))
     [step] = apply_pending_updates(settings)
     assert step.status == "applied" and step.metrics["consolidated"], step
     assert "would forget old classes" in step.metrics["short_fine_tune"]["why"]
     assert step.metrics["holdout_after"]["old"] >= 0.9
 
-    add(ledger, *make_set({"yellow": 10}, seed=3))
+    add(stores, *make_set({"yellow": 10}, seed=3))
     [refused] = apply_pending_updates(settings.model_copy(update={"consolidate_growth": 0}))  # the paper's step only
     assert refused.status == "rejected" and "would forget old classes" in refused.reason
 
 
 def test_a_short_fine_tune_that_does_not_fit_its_new_class_is_tried_again_on_the_whole_memory(settings, monkeypatch):
     settings = settings.model_copy(update={"consolidate_growth": 10.0, "bootstrap_max_epochs": 8, "bootstrap_patience": 3})
-    ledger = Ledger(settings)
-    add(ledger, *make_set({"red": 20, "green": 20, "blue": 20}, seed=1))
+    stores = Stores(settings)
+    add(stores, *make_set({"red": 20, "green": 20, "blue": 20}, seed=1))
     apply_pending_updates(settings)
     monkeypatch.setattr("worker.jobs.fine_tune", lambda *args, **kwargs: TrainStats(iterations=9, loss=1.0, seconds=0.0))
-    add(ledger, *make_set({"yellow": 10}, seed=2))  # untrained, the new row (the mean of the old ones) wins no image
+    add(stores, *make_set({"yellow": 10}, seed=2))  # untrained, the new row (the mean of the old ones) wins no image
     [step] = apply_pending_updates(settings)
     assert step.status == "applied" and step.metrics["consolidated"], step
     assert "0% of the new classes' images" in step.metrics["short_fine_tune"]["why"]

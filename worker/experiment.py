@@ -16,6 +16,7 @@ joint training on everything seen so far (upper bound) and λ = 0 (lower bound).
 from __future__ import annotations
 
 import csv
+import itertools
 import logging
 import random
 import shutil
@@ -30,11 +31,12 @@ import torch
 from tqdm import tqdm
 
 from app.datasets import LabelledImages
-from app.images import image_to_pixels, to_model_input
-from app.ledger import Ledger
 from app.model import model_from_state, select_device
+from app.samples import Sample
 from app.settings import Settings
+from app.stores import Stores
 from worker.jobs import apply_pending_updates
+from worker.trainer import Accuracy, SampleTensors, evaluate
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +46,12 @@ class Setting:
     """One way of running the update stream."""
 
     name: str
-    iterations: str = "update-size"
-    replay_lambda: float = 0.75
+    # The method's settings default to the service's (Settings holds every default).
+    iterations: str = Settings.model_fields["iterations"].default
+    replay_lambda: float = Settings.model_fields["replay_lambda"].default
     noise: float = 0.0
     gate: bool = False
-    head_init: str = "mean"
+    head_init: str = Settings.model_fields["head_init"].default
     joint: bool = False
 
     @property
@@ -121,7 +124,7 @@ class Stream:
     initial_images: list[tuple[bytes, str]]
     update_sets: list[tuple[str, list[bytes]]]  # (class, images), in arrival order
     noise_pool: dict[str, list[bytes]]  # per class, images of the other classes to corrupt its sets with
-    test: dict[str, torch.Tensor]  # per class, preprocessed test pixels
+    test: dict[str, SampleTensors]  # per class, the test images, decoded once
 
 
 def engine_settings(home: Path, protocol: Protocol, repeat: int, setting: Setting) -> Settings:
@@ -144,10 +147,6 @@ def engine_settings(home: Path, protocol: Protocol, repeat: int, setting: Settin
     )
 
 
-def preprocess(images: list[bytes], image_size: int) -> torch.Tensor:
-    return torch.stack([image_to_pixels(data, image_size, 2**62) for data in images])
-
-
 def make_stream(train: LabelledImages, test: LabelledImages, protocol: Protocol, repeat: int) -> Stream:
     rng = random.Random(protocol.seed * 1000 + repeat)
     classes = rng.sample(train.classes, protocol.initial_classes + protocol.new_classes)
@@ -160,8 +159,12 @@ def make_stream(train: LabelledImages, test: LabelledImages, protocol: Protocol,
         update_sets += [(c, images[i : i + protocol.set_size]) for i in range(0, len(images), protocol.set_size)]
     noise_size = max(1, round(0.3 * protocol.set_size)) * protocol.sets_per_class
     noise_pool = {c: [train.take(rng.choice([o for o in classes if o != c]), 1, rng)[0] for _ in range(noise_size)] for c in new}
-    test_pixels = {c: preprocess(test.take(c, protocol.eval_per_class, rng), protocol.image_size) for c in classes}
-    return Stream(initial, new, initial_images, update_sets, noise_pool, test_pixels)
+    test_images = {c: test.take(c, protocol.eval_per_class, rng) for c in classes}
+    test_samples = {
+        c: SampleTensors([Sample("test", i, c, data) for i, data in enumerate(images)], {}, protocol.image_size).decoded()
+        for c, images in test_images.items()
+    }
+    return Stream(initial, new, initial_images, update_sets, noise_pool, test_samples)
 
 
 def corrupt(images: list[bytes], noise: float, pool: list[bytes], nth_set: int) -> list[bytes]:
@@ -174,28 +177,21 @@ def corrupt(images: list[bytes], noise: float, pool: list[bytes], nth_set: int) 
     return [pool[(nth_set * k + i) % len(pool)] for i in range(k)] + images[k:]
 
 
-@torch.no_grad()
-def test_accuracy(ledger: Ledger, classes: list[str], test: dict[str, torch.Tensor], device: torch.device) -> float:
-    """Accuracy of the current version on test images of the given classes (one it lacks counts wrong)."""
-    meta = ledger.snapshots.meta(ledger.snapshots.current())
-    model = model_from_state(meta.arch, ledger.snapshots.weights(meta.version)).to(device).eval()
-    index = {c: i for i, c in enumerate(meta.classes)}
-    correct = total = 0
-    for c in classes:
-        predicted = model(to_model_input(test[c], device)).argmax(dim=1).cpu()
-        correct += int((predicted == index.get(c, -1)).sum())
-        total += len(predicted)
-    return correct / total
+def test_accuracy(stores: Stores, classes: list[str], test: dict[str, SampleTensors], device: torch.device) -> Accuracy:
+    """The current version on test images of the given classes (one it lacks counts wrong), per class."""
+    meta = stores.snapshots.meta(stores.snapshots.current())
+    model = model_from_state(meta.arch, stores.snapshots.weights(meta.version))
+    return evaluate(model, SampleTensors.join([test[c] for c in classes], {c: i for i, c in enumerate(meta.classes)}), device)
 
 
 def initial_version(stream: Stream, protocol: Protocol, repeat: int, home: Path) -> float:
     """Learn the initial classes from the base weights: version 1, shared by every setting."""
     settings = engine_settings(home, protocol, repeat, Setting("initial"))
-    ledger = Ledger(settings)
-    ledger.samples.add([i for i, _ in stream.initial_images], [c for _, c in stream.initial_images])
+    stores = Stores(settings)
+    stores.samples.add([i for i, _ in stream.initial_images], [c for _, c in stream.initial_images])
     [result] = apply_pending_updates(settings)
     assert result.status == "applied", result
-    return test_accuracy(ledger, stream.initial, stream.test, select_device(protocol.device))
+    return test_accuracy(stores, stream.initial, stream.test, select_device(protocol.device)).score() or 0.0
 
 
 def run_setting(
@@ -203,7 +199,7 @@ def run_setting(
 ) -> list[Row]:
     """Feed the repetition's update sets one step at a time; one row per step (step 0: the initial version)."""
     device = select_device(protocol.device)
-    ledger = Ledger(engine_settings(home, protocol, repeat, setting))
+    stores = Stores(engine_settings(home, protocol, repeat, setting))
     rows = [Row("", setting.name, repeat, 0, "", len(stream.initial), start_accuracy, start_accuracy, 1, "initial", 0, 0.0)]
     known = list(stream.initial)
     seen = {"old": len(stream.initial_images), "new": 0}
@@ -212,18 +208,18 @@ def run_setting(
             known.append(label)
         nth_set = sum(c == label for c, _ in stream.update_sets[: step - 1])
         images = corrupt(images, setting.noise, stream.noise_pool[label], nth_set)
-        current = ledger.snapshots.meta(ledger.snapshots.current())
-        ledger.samples.add(images, [label] * len(images), known_classes=current.classes)
+        current = stores.snapshots.meta(stores.snapshots.current())
+        stores.samples.add(images, [label] * len(images), known_classes=current.classes)
         settings = engine_settings(home, protocol, repeat, setting)
         if setting.joint:  # uniform over everything seen so far: old data in proportion to its size
             settings = settings.model_copy(update={"replay_lambda": seen["old"] / (seen["old"] + len(images))})
         [result] = apply_pending_updates(settings)
         seen["old"] += len(images) if result.status == "applied" else 0
-        accuracy = test_accuracy(ledger, known, stream.test, device)
-        initial_accuracy = test_accuracy(ledger, stream.initial, stream.test, device)
+        scores = test_accuracy(stores, known, stream.test, device)
+        accuracy, initial_accuracy = scores.score() or 0.0, scores.score(stream.initial) or 0.0
         rows.append(
             Row(
-                "", setting.name, repeat, step, label, len(known), accuracy, initial_accuracy, ledger.snapshots.current(),
+                "", setting.name, repeat, step, label, len(known), accuracy, initial_accuracy, stores.snapshots.current(),
                 result.status,
                 result.metrics.get("iterations", 0), result.metrics.get("train_seconds", 0.0),
             )
@@ -309,7 +305,7 @@ def plot_study(rows: list[Row], study: str, protocol: Protocol, path: Path) -> N
         mean = [statistics.fmean(per_step[s]) for s in steps]
         std = [statistics.stdev(per_step[s]) if len(per_step[s]) > 1 else 0.0 for s in steps]
         ax.plot(steps, mean, label=setting)
-        ax.fill_between(steps, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)], alpha=0.2)
+        ax.fill_between(steps, [m - d for m, d in zip(mean, std, strict=True)], [m + d for m, d in zip(mean, std, strict=True)], alpha=0.2)
     for k in range(1, protocol.new_classes):
         ax.axvline(k * protocol.sets_per_class + 0.5, color="grey", lw=0.5, ls=":")
     ax.set_xlabel(f"update step (|U_t| = {protocol.set_size}; a new class every {protocol.sets_per_class} steps)")
@@ -334,7 +330,7 @@ def largest_served_drop(run: list[Row]) -> float:
     the next, over all steps: a rejected step serves the same version, so it counts as no drop
     rather than being skipped; before, steps were compared on the classes known so far and only
     where the version changed, which left out exactly the rejected steps."""
-    drops = [a.initial_accuracy - b.initial_accuracy for a, b in zip(run, run[1:])]
+    drops = [a.initial_accuracy - b.initial_accuracy for a, b in itertools.pairwise(run)]
     return max(drops, default=0.0)
 
 

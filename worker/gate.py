@@ -1,6 +1,6 @@
 """The promotion gate: what the current version knows is kept, and labels that contradict it are refused.
 
-Two checks, on what the models make of holdout samples (Outcomes: true and predicted labels):
+Two checks, on what the models make of holdout samples (Answers: true and predicted labels):
 
 1. Before training, per update set and label of a class the current version already knows: are
    the version's answers for its images far likelier for images of another known class, and do
@@ -31,14 +31,14 @@ import torch
 
 
 @dataclass(frozen=True)
-class Outcomes:
+class Answers:
     """True and predicted labels of labelled samples, in order: what one model made of them."""
 
     true: tuple[str, ...]
     predicted: tuple[str, ...]
 
     @classmethod
-    def of(cls, logits: torch.Tensor, true: Sequence[str], classes: Sequence[str]) -> Outcomes:
+    def of(cls, logits: torch.Tensor, true: Sequence[str], classes: Sequence[str]) -> Answers:
         """Read logits as labels, among the first len(classes) outputs only."""
         if not len(true):
             return cls((), ())
@@ -101,7 +101,7 @@ def log_predictive(answers: Counter[str], seen: Counter[str], categories: int, p
 
 
 def relabel_evidence(
-    known: Outcomes, label: str, answers: Sequence[str], prior: float = 0.5, min_known: int = 0
+    known: Answers, label: str, answers: Sequence[str], prior: float = 0.5, min_known: int = 0
 ) -> tuple[str, float]:
     """The known class whose recorded answers explain a set labelled `label` best, and the log
     Bayes factor of that class against `label` (how much likelier the set's answers are if its
@@ -139,7 +139,7 @@ RELABEL_MIN_IMAGES = 5
 RELABEL_MIN_KNOWN = 10
 
 
-def check_labels(known: Outcomes, incoming: Outcomes, alpha: float, factor: float) -> Verdict:
+def check_labels(known: Answers, incoming: Answers, alpha: float, factor: float) -> Verdict:
     """Refuse a set whose labels of known classes contradict the current version beyond chance.
 
     known: what the lineage answers for images of each known class: the current version's
@@ -199,7 +199,7 @@ def net_losses(before: Sequence[bool], after: Sequence[bool]) -> tuple[int, int]
     return lost, won
 
 
-def worst_classes(before: Outcomes, after: Outcomes, count: int = 2) -> str:
+def worst_classes(before: Answers, after: Answers, count: int = 2) -> str:
     """The old classes whose holdout recall fell most, as 'Shirt 0.90 -> 0.40'."""
     drops = []
     for label in dict.fromkeys(before.true):
@@ -216,7 +216,7 @@ def sign_test_p(lost: int, won: int) -> float:
     return sum(math.comb(n, k) for k in range(lost, n + 1)) / 2**n
 
 
-def check_old_knowledge(before: Outcomes, after: Outcomes, max_drop: float, alpha: float) -> Verdict:
+def check_old_knowledge(before: Answers, after: Answers, max_drop: float, alpha: float) -> Verdict:
     """Refuse a candidate that tells the old classes apart worse than the current version.
 
     after is read among the old classes only. With alpha > 0 the drop must also stand out from

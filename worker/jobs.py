@@ -18,13 +18,13 @@ import torch
 from torch import nn
 
 from app.errors import LineageMoved, LockLost
-from app.ledger import Attempt, Ledger
 from app.locks import LineageLock
 from app.model import build_model, grow_head, model_from_state, select_device
 from app.samples import Sample, UpdateSet
 from app.settings import Settings, get_settings
-from app.snapshots import Outcome, SnapshotMeta
-from worker.gate import Outcomes, Verdict, check_labels, check_old_knowledge, check_training
+from app.snapshots import AttemptRecord, SnapshotMeta
+from app.stores import Attempt, Stores, attempt_of
+from worker.gate import Answers, Verdict, check_labels, check_old_knowledge, check_training
 from worker.trainer import (
     SampleTensors,
     TrainConfig,
@@ -41,43 +41,34 @@ log = logging.getLogger(__name__)
 RECORD = "answers_before_training"
 
 
-@dataclass
-class StepResult:
-    status: Literal["applied", "rejected", "failed"]
-    update_ids: list[str]
-    version: int | None = None
-    reason: str | None = None
-    metrics: dict[str, Any] = field(default_factory=dict)
-
-
 def apply_pending_updates(
     settings: Settings | None = None,
-    on_step: Callable[[StepResult], None] | None = None,
-    ledger: Ledger | None = None,
-) -> list[StepResult]:
+    on_step: Callable[[Attempt], None] | None = None,
+    stores: Stores | None = None,
+) -> list[Attempt]:
     """Apply every pending update set under the lineage lock, coalescing what is pending into each step.
 
     After each new version, rejected sets that share a class with it are queued again (a bounded
     number of times). on_step is called after each step (to announce a new version, in the service).
-    A long-lived caller passes its ledger: set manifests and version metas are then read once per
+    A long-lived caller passes its stores: set manifests and version metas are then read once per
     process, not once per job (10,000 sets cost about a second of zip reads).
     """
     settings = settings or get_settings()
-    ledger = ledger or Ledger(settings)
+    stores = stores or Stores(settings)
     running: list[str] = []
-    results: list[StepResult] = []
+    results: list[Attempt] = []
 
     def renew_marker() -> None:
         if running:
-            ledger.mark_running(running, settings.lock_lease_s)
+            stores.mark_running(running, settings.lock_lease_s)
 
     with LineageLock(settings, on_renew=renew_marker) as lock:
-        ledger.snapshots.remove_leftovers()
-        while (pending := ledger.pending()) and step_due(settings, pending, time.time()):
+        stores.snapshots.remove_leftovers()
+        while (pending := stores.pending()) and step_due(settings, pending, time.time()):
             running[:] = [u.update_id for u in pending]
-            ledger.mark_running(running, settings.lock_lease_s)
+            stores.mark_running(running, settings.lock_lease_s)
             try:
-                step = apply_step(settings, ledger, pending, lock)
+                step = apply_step(settings, stores, pending, lock)
             except LineageMoved as exc:
                 log.info("%s; starting over from the new current version", exc)
                 continue
@@ -85,17 +76,17 @@ def apply_pending_updates(
                 raise
             except Exception as exc:  # a failed step is recorded, and the lineage goes on
                 log.exception("update step failed")
-                undecided = {u.update_id for u in ledger.pending()}  # not the sets refused before the failure
-                step = [record_failure(ledger, [u for u in pending if u.update_id in undecided], exc)]
+                undecided = {u.update_id for u in stores.pending()}  # not the sets refused before the failure
+                step = [record_failure(stores, [u for u in pending if u.update_id in undecided], exc)]
             finally:
                 running.clear()
-                ledger.clear_running()
+                stores.clear_running()
             for result in step:
                 results.append(result)
                 if on_step is not None:
                     on_step(result)
-                if result.version is not None:
-                    ledger.reconsider_rejected(result.version, settings.retry_auto_max)
+                if result.status == "applied":
+                    stores.reconsider_rejected(result.model_version, settings.retry_auto_max)
     return results
 
 
@@ -113,34 +104,33 @@ def step_due(settings: Settings, pending: list[UpdateSet], now: float) -> bool:
     return False
 
 
-def record_outcome(
-    ledger: Ledger, sets: list[UpdateSet], status: Literal["rejected", "failed"], reason: str, metrics: dict[str, Any]
-) -> StepResult:
-    ids = [u.update_id for u in sets]
-    outcome = Outcome(
+def record_attempt(
+    stores: Stores, sets: list[UpdateSet], status: Literal["rejected", "failed"], reason: str, metrics: dict[str, Any]
+) -> Attempt:
+    record = AttemptRecord(
         outcome_id=uuid.uuid4().hex,
         status=status,
-        parent=ledger.snapshots.current(),
-        update_ids=ids,
+        parent=stores.snapshots.current(),
+        update_ids=[u.update_id for u in sets],
         reason=reason,
         metrics=metrics,
     )
-    ledger.snapshots.record_outcome(outcome)
-    return StepResult(status, ids, reason=reason, metrics=metrics)
+    stores.snapshots.record_attempt(record)
+    return attempt_of(record)
 
 
-def record_failure(ledger: Ledger, pending: list[UpdateSet], exc: Exception) -> StepResult:
+def record_failure(stores: Stores, pending: list[UpdateSet], exc: Exception) -> Attempt:
     reason = f"{type(exc).__name__}: {exc}"
-    return record_outcome(ledger, pending, "failed", reason, {"traceback": traceback.format_exc(limit=5)})
+    return record_attempt(stores, pending, "failed", reason, {"traceback": traceback.format_exc(limit=5)})
 
 
-def warm_start(settings: Settings, ledger: Ledger, classes_needed: list[str]) -> tuple[nn.Module, SnapshotMeta | None]:
+def warm_start(settings: Settings, stores: Stores, classes_needed: list[str]) -> tuple[nn.Module, SnapshotMeta | None]:
     """The current version's model, or a new model from the base weights when there is none yet."""
-    current = ledger.snapshots.current()
+    current = stores.snapshots.current()
     if current is None:
         return build_model(settings.arch, len(classes_needed), settings.base_weights), None
-    meta = ledger.snapshots.meta(current)
-    return model_from_state(meta.arch, ledger.snapshots.weights(current)), meta
+    meta = stores.snapshots.meta(current)
+    return model_from_state(meta.arch, stores.snapshots.weights(current)), meta
 
 
 @dataclass
@@ -170,13 +160,13 @@ def set_tensors(sets: list[UpdateSet], classes: list[str], image_size: int) -> l
     ]
 
 
-def holdout_summary(old: Outcomes, new: Outcomes) -> dict[str, Any]:
+def holdout_summary(old: Answers, new: Answers) -> dict[str, Any]:
     """Accuracy on the old holdout, the new holdout and both, with their sizes (the metrics' shape)."""
-    both = Outcomes(old.true + new.true, old.predicted + new.predicted)
+    both = Answers(old.true + new.true, old.predicted + new.predicted)
     return {"old": old.accuracy(), "new": new.accuracy(), "all": both.accuracy(), "n_old": len(old), "n_new": len(new)}
 
 
-def per_class(outcomes: Outcomes) -> dict[str, float]:
+def per_class(outcomes: Answers) -> dict[str, float]:
     """Recall of every label among the outcomes."""
     recall = {}
     for label in dict.fromkeys(outcomes.true):
@@ -199,7 +189,7 @@ def relabel_factor(settings: Settings, attempts: list[Attempt]) -> float:
 
 
 def screen_labels(
-    model: nn.Module, known: Outcomes, sets: list[SetTensors], classes: list[str], factors: dict[str, float],
+    model: nn.Module, known: Answers, sets: list[SetTensors], classes: list[str], factors: dict[str, float],
     settings: Settings, device: torch.device,
 ) -> tuple[list[SetTensors], list[tuple[SetTensors, Verdict]], dict[str, dict[str, int]]]:
     """Split the sets into those whose labels the current version can accept and those it refuses
@@ -209,7 +199,7 @@ def screen_labels(
     record: dict[str, Counter[str]] = {}
     for s in sets:
         logits = torch.cat([predict_logits(model, s.train, device), predict_logits(model, s.holdout, device)])
-        answers = Outcomes.of(logits, s.train.labels + s.holdout.labels, classes)
+        answers = Answers.of(logits, s.train.labels + s.holdout.labels, classes)
         verdict = check_labels(known, answers, settings.gate_label_alpha, factors[s.update.update_id])
         if not verdict.passed:
             refused.append((s, verdict))
@@ -221,7 +211,7 @@ def screen_labels(
     return accepted, refused, {label: dict(counts) for label, counts in record.items()}
 
 
-def known_answers(holdout: Outcomes, lineage: Iterable[SnapshotMeta], classes: list[str], per_class: int) -> Outcomes:
+def known_answers(holdout: Answers, lineage: Iterable[SnapshotMeta], classes: list[str], per_class: int) -> Answers:
     """What the lineage answers for each known class: the current version's answers on the old
     holdout, and each version's record of its parent's answers on the images it accepted, before
     training on them, newest first, up to about per_class images of each class from the record
@@ -237,153 +227,231 @@ def known_answers(holdout: Outcomes, lineage: Iterable[SnapshotMeta], classes: l
                     taken[label] += count
         if all(taken[c] >= per_class for c in classes):
             break
-    return Outcomes(tuple(true), tuple(predicted))
+    return Answers(tuple(true), tuple(predicted))
 
 
-def apply_step(settings: Settings, ledger: Ledger, pending: list[UpdateSet], lock: LineageLock) -> list[StepResult]:
+@dataclass
+class Step:
+    """What one update step works on: the warm-started model, its lineage's replay memory (D_{t-1})
+    and the new sets (U_t) as tensors, and what the current version answered before training."""
+
+    device: torch.device
+    generator: torch.Generator
+    seed: int
+    model: nn.Module
+    parent: SnapshotMeta | None
+    base_weights: str
+    image_size: int
+    old_classes: list[str]
+    old_train: SampleTensors
+    old_holdout: SampleTensors
+    sets: list[SetTensors]
+    incoming: list[str]  # the labels of the pending sets that the current version lacks
+    load_seconds: float
+    before: Answers = field(default_factory=lambda: Answers((), ()))  # the current version on the old holdout
+    new_classes: list[str] = field(default_factory=list)
+    new_train: SampleTensors | None = None
+    new_holdout: SampleTensors | None = None
+
+    @property
+    def classes(self) -> list[str]:
+        return self.old_classes + self.new_classes
+
+
+@dataclass
+class Candidate:
+    """A trained model's figures and the gate's verdict on it."""
+
+    stats: TrainStats
+    verdict: Verdict
+    holdout_after: dict[str, Any]
+    evaluate_seconds: float
+    consolidated: bool
+    short_fine_tune: dict[str, Any] | None = None  # why a short fine-tune was set aside for a consolidation
+
+
+def apply_step(settings: Settings, stores: Stores, pending: list[UpdateSet], lock: LineageLock) -> list[Attempt]:
     """One update step of the method: warm start, check the labels, grow the head, train, gate, publish or reject."""
+    step = start_step(settings, stores, pending)
+    refused, record = check_labels_of_sets(settings, stores, step)
+    if not step.sets:
+        return refused
+    holdout_before = grow_for_new_classes(settings, step)
+    candidate = train_and_judge(settings, stores, step)
+    metrics = step_metrics(settings, step, candidate, holdout_before)
+    if lock.lost:
+        raise LockLost("the lineage lease expired during training; leaving the update to the new holder")
+    accepted = [s.update for s in step.sets]
+    if not candidate.verdict.passed:
+        log.warning("rejected update set(s) %s: %s", [u.update_id for u in accepted], candidate.verdict.reason)
+        return refused + [record_attempt(stores, accepted, "rejected", candidate.verdict.reason, metrics)]
+    # The record goes with the published version only: the label checks read it from the lineage.
+    metrics[RECORD] = record
+    version = publish(settings, stores, step.model, step.parent, step.classes, step.image_size, step.base_weights, accepted, metrics)
+    return refused + [version]
+
+
+def start_step(settings: Settings, stores: Stores, pending: list[UpdateSet]) -> Step:
+    """Warm start from the current version, and read its replay memory and the pending sets."""
     clock = time.perf_counter()
     device = select_device(settings.device)
-    seed = settings.seed + ledger.snapshots.latest() if settings.seed is not None else random.getrandbits(62)
+    seed = settings.seed + stores.snapshots.latest() if settings.seed is not None else random.getrandbits(62)
     torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-
-    model, parent = warm_start(settings, ledger, list(dict.fromkeys(label for u in pending for label in u.labels)))
+    model, parent = warm_start(settings, stores, list(dict.fromkeys(label for u in pending for label in u.labels)))
     old_classes = parent.classes if parent else []
     image_size = parent.image_size if parent else settings.image_size
     old_index = {c: i for i, c in enumerate(old_classes)}
-    old_train, old_holdout = replay_memory(ledger, parent, old_index, image_size, settings.gate_holdout_per_class, seed)
+    old_train, old_holdout = replay_memory(stores, parent, old_index, image_size, settings.gate_holdout_per_class, seed)
     incoming = list(dict.fromkeys(label for u in pending for label in u.labels if label not in old_index))
-    sets = set_tensors(pending, old_classes + incoming, image_size)
-    load_seconds = time.perf_counter() - clock
+    return Step(
+        device=device,
+        generator=torch.Generator().manual_seed(seed),
+        seed=seed,
+        model=model,
+        parent=parent,
+        base_weights=parent.base_weights if parent else settings.base_weights,
+        image_size=image_size,
+        old_classes=old_classes,
+        old_train=old_train,
+        old_holdout=old_holdout,
+        sets=set_tensors(pending, old_classes + incoming, image_size),
+        incoming=incoming,
+        load_seconds=time.perf_counter() - clock,
+    )
 
-    results: list[StepResult] = []
-    before = Outcomes((), ())
-    record: dict[str, dict[str, int]] = {}
-    if parent is not None:
-        before = Outcomes.of(predict_logits(model, old_holdout, device), old_holdout.labels, old_classes)
-        sets, results, record = refuse_contradicting_sets(settings, ledger, model, parent, before, sets, device)
-        if not sets:
-            return results
 
+def check_labels_of_sets(settings: Settings, stores: Stores, step: Step) -> tuple[list[Attempt], dict[str, dict[str, int]]]:
+    """Gate check 1 against the current version (none for a first version): the refused sets leave
+    the step; returns their attempts and the version's answers on the accepted sets (the record)."""
+    if step.parent is None:
+        return [], {}
+    step.before = Answers.of(predict_logits(step.model, step.old_holdout, step.device), step.old_holdout.labels, step.old_classes)
+    step.sets, refused, record = refuse_contradicting_sets(settings, stores, step.model, step.parent, step.before, step.sets, step.device)
+    return refused, record
+
+
+def grow_for_new_classes(settings: Settings, step: Step) -> dict[str, Any] | None:
+    """Join the accepted sets under the grown class list and grow the head by their new classes;
+    returns the current version's holdout figures before training (None for a first version)."""
     # Classes in the order they first appear; a refused set's new classes are not added.
-    new_classes = [c for c in incoming if any(c in s.update.labels for s in sets)]
-    classes = old_classes + new_classes
-    new_train = SampleTensors.join([s.train for s in sets], {c: i for i, c in enumerate(classes)})
-    new_holdout = SampleTensors.join([s.holdout for s in sets], {c: i for i, c in enumerate(classes)})
+    step.new_classes = [c for c in step.incoming if any(c in s.update.labels for s in step.sets)]
+    index = {c: i for i, c in enumerate(step.classes)}
+    step.new_train = SampleTensors.join([s.train for s in step.sets], index)
+    step.new_holdout = SampleTensors.join([s.holdout for s in step.sets], index)
     log.info(
         "applying %d update set(s) on top of version %s: %d new samples, %d old, new classes %s",
-        len(sets), parent.version if parent else None, len(new_train), len(old_train), new_classes,
+        len(step.sets),
+        step.parent.version if step.parent else None,
+        len(step.new_train),
+        len(step.old_train),
+        step.new_classes,
     )
-    holdout_before = None
-    if parent is not None:
-        new_before = Outcomes.of(predict_logits(model, new_holdout, device), new_holdout.labels, old_classes)
-        holdout_before = holdout_summary(before, new_before)
-        grow_head(model, len(new_classes), settings.head_init, generator)
+    if step.parent is None:
+        return None
+    new_before = Answers.of(predict_logits(step.model, step.new_holdout, step.device), step.new_holdout.labels, step.old_classes)
+    grow_head(step.model, len(step.new_classes), settings.head_init, step.generator)
+    return holdout_summary(step.before, new_before)
 
-    base_weights = parent.base_weights if parent else settings.base_weights
-    samples = len(old_train) + len(new_train)
-    consolidate = parent is None or consolidation_due(settings.consolidate_growth, ledger.snapshots.ancestors(parent.version), samples)
-    fallback = not consolidate and settings.consolidate_growth > 0
+
+def train_and_judge(settings: Settings, stores: Stores, step: Step) -> Candidate:
+    """Train the candidate: the paper's short fine-tune, or a consolidation on the whole memory when
+    one is due or when the short fine-tune falls short; then gate check 2."""
+    samples = len(step.old_train) + len(step.new_train)
+    ancestors = stores.snapshots.ancestors(step.parent.version) if step.parent else []
+    if step.parent is None or consolidation_due(settings.consolidate_growth, ancestors, samples):
+        return train_and_check(settings, step, consolidate=True)
+    if settings.consolidate_growth == 0:
+        return train_and_check(settings, step, consolidate=False)
     # The grown model before training: where a whole-memory training starts if the short one falls short.
-    start = {k: v.detach().clone() for k, v in model.state_dict().items()} if fallback else {}
+    start = {k: v.detach().clone() for k, v in step.model.state_dict().items()}
+    short = train_and_check(settings, step, consolidate=False)
+    learned = new_classes_learned(step.model, step.new_train, step.new_classes, step.classes, step.device)
+    if short.verdict.check != "old knowledge" and learned >= 0.5:
+        return short
+    # The short fine-tune cannot teach a weak network a look-alike class: it forgets old classes,
+    # or does not fit the new class's own images. Training on the whole memory can; gate 2 judges
+    # that candidate like any other.
+    why = short.verdict.reason if short.verdict.check == "old knowledge" else f"it calls {learned:.0%} of the new classes' images by their label"
+    log.info("the short fine-tune falls short (%s); training on the whole memory instead", why)
+    step.model.load_state_dict(start)
+    candidate = train_and_check(settings, step, consolidate=True)
+    candidate.short_fine_tune = {"why": why, "iterations": short.stats.iterations, "train_seconds": short.stats.seconds}
+    return candidate
 
-    def train_and_judge(consolidate: bool) -> tuple[TrainStats, Verdict, dict[str, Any], float]:
-        stats = train_candidate(
-            settings, model, old_train, new_train, old_holdout, new_holdout, base_weights, consolidate, device, generator
-        )
-        clock = time.perf_counter()
-        verdict, holdout_after = judge_candidate(settings, model, stats, before, old_holdout, new_holdout, old_classes, classes, device)
-        return stats, verdict, holdout_after, time.perf_counter() - clock
 
-    stats, verdict, holdout_after, evaluate_seconds = train_and_judge(consolidate)
-    short_fine_tune = None
-    learned = new_classes_learned(model, new_train, new_classes, classes, device) if fallback else 1.0
-    if fallback and (verdict.check == "old knowledge" or learned < 0.5):
-        # The short fine-tune cannot teach a weak network a look-alike class: it forgets old
-        # classes, or does not fit the new class's own images. Training on the whole memory can;
-        # gate 2 judges that candidate like any other.
-        why = verdict.reason if verdict.check == "old knowledge" else f"it calls {learned:.0%} of the new classes' images by their label"
-        log.info("the short fine-tune falls short (%s); training on the whole memory instead", why)
-        short_fine_tune = {"why": why, "iterations": stats.iterations, "train_seconds": stats.seconds}
-        model.load_state_dict(start)
-        consolidate = True
-        stats, verdict, holdout_after, evaluate_seconds = train_and_judge(consolidate)
-    metrics: dict[str, Any] = {
-        "first_version": parent is None,
-        "consolidated": consolidate,
-        "short_fine_tune": short_fine_tune,
+def train_and_check(settings: Settings, step: Step, consolidate: bool) -> Candidate:
+    stats = train_candidate(settings, step, consolidate)
+    clock = time.perf_counter()
+    verdict, holdout_after = judge_candidate(settings, step, stats)
+    return Candidate(stats, verdict, holdout_after, time.perf_counter() - clock, consolidate)
+
+
+def step_metrics(settings: Settings, step: Step, candidate: Candidate, holdout_before: dict[str, Any] | None) -> dict[str, Any]:
+    """What a step reports, published or rejected: GET /updates/{id} shows it."""
+    stats = candidate.stats
+    return {
+        "first_version": step.parent is None,
+        "consolidated": candidate.consolidated,
+        "short_fine_tune": candidate.short_fine_tune,
         "iterations": stats.iterations,
         "epochs": stats.epochs,
-        "lr": settings.learning_rate(base_weights),
+        "lr": settings.learning_rate(step.base_weights),
         "loss": stats.loss,
         "replay_lambda": settings.replay_lambda,
-        "samples_old": len(old_train),
-        "samples_new": len(new_train),
-        "new_classes": new_classes,
-        "warm_start_from": parent.version if parent else None,
-        "seed": seed,
+        "samples_old": len(step.old_train),
+        "samples_new": len(step.new_train),
+        "new_classes": step.new_classes,
+        "warm_start_from": step.parent.version if step.parent else None,
+        "seed": step.seed,
         "holdout_before": holdout_before,
-        **holdout_after,
-        "gate": verdict.reason,
-        "load_seconds": load_seconds,
+        **candidate.holdout_after,
+        "gate": candidate.verdict.reason,
+        "load_seconds": step.load_seconds,
         "train_seconds": stats.seconds,
-        "evaluate_seconds": evaluate_seconds,
+        "evaluate_seconds": candidate.evaluate_seconds,
     }
-    if lock.lost:
-        raise LockLost("the lineage lease expired during training; leaving the update to the new holder")
-    accepted = [s.update for s in sets]
-    if not verdict.passed:
-        log.warning("rejected update set(s) %s: %s", [u.update_id for u in accepted], verdict.reason)
-        return results + [record_outcome(ledger, accepted, "rejected", verdict.reason, metrics)]
-    # The record goes with the published version only: the label checks read it from the lineage.
-    metrics[RECORD] = record
-    return results + [publish(settings, ledger, model, parent, classes, image_size, base_weights, accepted, metrics)]
 
 
 def refuse_contradicting_sets(
-    settings: Settings, ledger: Ledger, model: nn.Module, parent: SnapshotMeta, before: Outcomes,
+    settings: Settings, stores: Stores, model: nn.Module, parent: SnapshotMeta, before: Answers,
     sets: list[SetTensors], device: torch.device,
-) -> tuple[list[SetTensors], list[StepResult], dict[str, dict[str, int]]]:
+) -> tuple[list[SetTensors], list[Attempt], dict[str, dict[str, int]]]:
     """Gate check 1 against what the current version answers for each known class: the sets it
     accepts, the refusals recorded, and its answers on the accepted sets (the record)."""
-    known = known_answers(before, ledger.snapshots.ancestors(parent.version), parent.classes, settings.gate_holdout_per_class)
-    history = ledger.history()
+    known = known_answers(before, stores.snapshots.ancestors(parent.version), parent.classes, settings.gate_holdout_per_class)
+    history = stores.history()
     factors = {s.update.update_id: relabel_factor(settings, history.get(s.update.update_id, [])) for s in sets}
     accepted, refused, record = screen_labels(model, known, sets, parent.classes, factors, settings, device)
     results = []
     for s, verdict in refused:
         log.warning("rejected update set %s before training: %s", s.update.update_id, verdict.reason)
         metrics = {"gate": verdict.reason, "refused_by": verdict.check, "warm_start_from": parent.version}
-        results.append(record_outcome(ledger, [s.update], "rejected", verdict.reason, metrics))
+        results.append(record_attempt(stores, [s.update], "rejected", verdict.reason, metrics))
     return accepted, results, record
 
 
-def judge_candidate(
-    settings: Settings, model: nn.Module, stats: TrainStats, before: Outcomes, old_holdout: SampleTensors,
-    new_holdout: SampleTensors, old_classes: list[str], classes: list[str], device: torch.device,
-) -> tuple[Verdict, dict[str, Any]]:
+def judge_candidate(settings: Settings, step: Step, stats: TrainStats) -> tuple[Verdict, dict[str, Any]]:
     """Gate check 2: did training converge, and does the candidate still tell the old classes
     apart? With the holdout figures of the candidate for the metrics."""
-    old_logits = predict_logits(model, old_holdout, device)
-    old_after = Outcomes.of(old_logits, old_holdout.labels, classes)
-    new_after = Outcomes.of(predict_logits(model, new_holdout, device), new_holdout.labels, classes)
-    kept = Outcomes.of(old_logits, old_holdout.labels, old_classes)  # read among the old classes only
+    old_logits = predict_logits(step.model, step.old_holdout, step.device)
+    old_after = Answers.of(old_logits, step.old_holdout.labels, step.classes)
+    new_after = Answers.of(predict_logits(step.model, step.new_holdout, step.device), step.new_holdout.labels, step.classes)
+    kept = Answers.of(old_logits, step.old_holdout.labels, step.old_classes)  # read among the old classes only
     verdict = check_training(stats.loss)
     if verdict.passed:
-        verdict = check_old_knowledge(before, kept, settings.gate_max_old_drop, settings.gate_drop_alpha)
+        verdict = check_old_knowledge(step.before, kept, settings.gate_max_old_drop, settings.gate_drop_alpha)
     return verdict, {
         "holdout_after": holdout_summary(old_after, new_after),
-        "holdout_after_per_class": per_class(Outcomes(old_after.true + new_after.true, old_after.predicted + new_after.predicted)),
-        "old_classes_apart": {"before": before.accuracy(), "after": kept.accuracy()},
+        "holdout_after_per_class": per_class(Answers(old_after.true + new_after.true, old_after.predicted + new_after.predicted)),
+        "old_classes_apart": {"before": step.before.accuracy(), "after": kept.accuracy()},
     }
 
 
 def replay_memory(
-    ledger: Ledger, parent: SnapshotMeta | None, index: dict[str, int], image_size: int, holdout_per_class: int, seed: int
+    stores: Stores, parent: SnapshotMeta | None, index: dict[str, int], image_size: int, holdout_per_class: int, seed: int
 ) -> tuple[SampleTensors, SampleTensors]:
     """D_{t-1}: the training samples of the parent's lineage, and the bounded draw of its holdout the gate reads."""
-    old_sets = ledger.replay_sets(parent.version if parent else None)
+    old_sets = stores.replay_sets(parent.version if parent else None)
     train = [s for u in old_sets for s in u.samples(holdout=False)]
     holdout = bounded_holdout([s for u in old_sets for s in u.samples(holdout=True)], holdout_per_class, random.Random(seed))
     return SampleTensors(train, index, image_size), SampleTensors(holdout, index, image_size)
@@ -391,7 +459,7 @@ def replay_memory(
 
 def publish(
     settings: Settings,
-    ledger: Ledger,
+    stores: Stores,
     model: nn.Module,
     parent: SnapshotMeta | None,
     classes: list[str],
@@ -399,7 +467,7 @@ def publish(
     base_weights: str,
     accepted: list[UpdateSet],
     metrics: dict[str, Any],
-) -> StepResult:
+) -> Attempt:
     """Write the candidate as the new current version, then let retention prune what is no longer kept."""
     clock = time.perf_counter()
     meta = SnapshotMeta(
@@ -412,15 +480,15 @@ def publish(
         update_ids=[u.update_id for u in accepted],
         metrics=metrics,
     )
-    version = ledger.snapshots.publish(model.state_dict(), meta)
+    version = stores.snapshots.publish(model.state_dict(), meta)
     metrics["publish_seconds"] = time.perf_counter() - clock
-    if pruned := ledger.snapshots.prune(settings.retain_versions, settings.retain_seconds):
+    if pruned := stores.snapshots.prune(settings.retain_versions, settings.retain_seconds):
         log.info("retention pruned the weights of version(s) %s (their metadata stays)", pruned)
     log.info(
         "published version %d (%d classes): holdout %s; %d iterations in %.1fs; written in %.2fs",
         version, len(classes), metrics["holdout_after"], metrics["iterations"], metrics["train_seconds"], metrics["publish_seconds"],
     )
-    return StepResult("applied", meta.update_ids, version=version, metrics=metrics)
+    return Attempt("applied", meta.created_at, version, None, metrics, meta.update_ids)
 
 
 def new_classes_learned(model: nn.Module, new_train: SampleTensors, new_classes: list[str], classes: list[str], device: torch.device) -> float:
@@ -429,7 +497,7 @@ def new_classes_learned(model: nn.Module, new_train: SampleTensors, new_classes:
     if not mine:
         return 1.0
     subset = SampleTensors(mine, new_train.class_index, new_train.image_size)
-    return Outcomes.of(predict_logits(model, subset, device), subset.labels, classes).accuracy() or 0.0
+    return Answers.of(predict_logits(model, subset, device), subset.labels, classes).accuracy() or 0.0
 
 
 def consolidation_due(growth: float, lineage: Iterable[SnapshotMeta], samples: int) -> bool:
@@ -447,28 +515,18 @@ def consolidation_due(growth: float, lineage: Iterable[SnapshotMeta], samples: i
     return True
 
 
-def train_candidate(
-    settings: Settings,
-    model: nn.Module,
-    old_train: SampleTensors,
-    new_train: SampleTensors,
-    old_holdout: SampleTensors,
-    new_holdout: SampleTensors,
-    base_weights: str,
-    consolidate: bool,
-    device: torch.device,
-    generator: torch.Generator,
-) -> TrainStats:
+def train_candidate(settings: Settings, step: Step, consolidate: bool) -> TrainStats:
     """The first version, and a consolidation, train on all the samples until the holdout stops
     improving; every other step is the paper's short fine-tune with replay."""
     if consolidate:
-        cfg = TrainConfig.from_settings(settings, base_weights, iterations=0)  # epochs decide, not iterations
-        index = new_train.class_index
-        train, holdout = SampleTensors.join([new_train, old_train], index), SampleTensors.join([new_holdout, old_holdout], index)
+        cfg = TrainConfig.from_settings(settings, step.base_weights, iterations=0)  # epochs decide, not iterations
+        index = step.new_train.class_index
+        train = SampleTensors.join([step.new_train, step.old_train], index)
+        holdout = SampleTensors.join([step.new_holdout, step.old_holdout], index)
         return train_first_version(
-            model, train, holdout, cfg, settings.bootstrap_max_epochs, settings.bootstrap_patience, device, generator
+            step.model, train, holdout, cfg, settings.bootstrap_max_epochs, settings.bootstrap_patience, step.device, step.generator
         )
-    n_old, n_new = len(old_train), len(new_train)
+    n_old, n_new = len(step.old_train), len(step.new_train)
     iterations = iterations_for(settings.iterations, n_new, n_old + n_new, settings.batch_size)
-    cfg = TrainConfig.from_settings(settings, base_weights, iterations)
-    return fine_tune(model, old_train, new_train, cfg, device, generator)
+    cfg = TrainConfig.from_settings(settings, step.base_weights, iterations)
+    return fine_tune(step.model, step.old_train, step.new_train, cfg, step.device, step.generator)

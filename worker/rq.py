@@ -11,23 +11,23 @@ from redis.exceptions import RedisError
 from rq import SimpleWorker
 from rq.serializers import JSONSerializer
 
-from app.ledger import Ledger
 from app.queue import announce_swap, enqueue_update_job, queued_key
 from app.settings import Settings, get_settings
-from worker.jobs import StepResult, apply_pending_updates
+from app.stores import Attempt, Stores
+from worker.jobs import apply_pending_updates
 
 log = logging.getLogger(__name__)
 
 
-_ledgers: dict[str, Ledger] = {}
+_stores_by_home: dict[str, Stores] = {}
 
 
-def worker_ledger(settings: Settings) -> Ledger:
-    """This worker process's ledger, kept from job to job (a worker serves one home for its life)."""
+def worker_stores(settings: Settings) -> Stores:
+    """This worker process's stores, kept from job to job (a worker serves one home for its life)."""
     key = settings.model_dump_json()
-    if key not in _ledgers:
-        _ledgers[key] = Ledger(settings)
-    return _ledgers[key]
+    if key not in _stores_by_home:
+        _stores_by_home[key] = Stores(settings)
+    return _stores_by_home[key]
 
 
 def run_update_job() -> list[dict[str, Any]]:
@@ -36,12 +36,12 @@ def run_update_job() -> list[dict[str, Any]]:
     connection = redis.Redis.from_url(settings.redis_url)
     connection.delete(queued_key(settings))  # sets stored from now on queue the next job
 
-    def announce(result: StepResult) -> None:
-        if result.version is not None:
-            announce_swap(connection, settings, result.version)
+    def announce(result: Attempt) -> None:
+        if result.status == "applied":
+            announce_swap(connection, settings, result.model_version)
 
-    results = apply_pending_updates(settings, on_step=announce, ledger=worker_ledger(settings))
-    return [{"status": r.status, "update_ids": r.update_ids, "version": r.version, "reason": r.reason} for r in results]
+    results = apply_pending_updates(settings, on_step=announce, stores=worker_stores(settings))
+    return [{"status": r.status, "update_ids": r.update_ids, "version": r.model_version if r.status == "applied" else None, "reason": r.reason} for r in results]
 
 
 def run_rq_worker(settings: Settings) -> None:
@@ -53,7 +53,7 @@ def run_rq_worker(settings: Settings) -> None:
     connection = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2)
     while True:
         try:
-            if Ledger(settings).pending():
+            if Stores(settings).pending():
                 enqueue_update_job(connection, settings)
             SimpleWorker([settings.queue_name], connection=connection, serializer=JSONSerializer).work(with_scheduler=False)
             return

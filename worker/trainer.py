@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from app.images import image_to_pixels, to_model_input
-from app.model import head_of
+from app.model import autocast, head_of
 from app.samples import Sample
 from app.settings import Settings
 from worker.sampler import ReplaySampler
@@ -97,6 +97,12 @@ class SampleTensors:
     def __len__(self) -> int:
         return len(self.samples)
 
+    def decoded(self) -> SampleTensors:
+        """Decode every sample now: for samples read many times, under class lists that change (join keeps them)."""
+        for i in range(len(self)):
+            self.pixels(i)
+        return self
+
     def pixels(self, i: int) -> torch.Tensor:
         if i not in self._pixels:
             # Stored sets were checked on arrival; the limit guards the request path, not this one.
@@ -114,11 +120,6 @@ class TrainStats:
     loss: float
     seconds: float
     epochs: int | None = None
-
-
-def autocast(device: torch.device) -> torch.autocast:
-    """bf16 autocast on a GPU; plain float32 on the CPU."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 def replay_batch(old: SampleTensors, new: SampleTensors, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

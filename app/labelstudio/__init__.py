@@ -7,6 +7,6 @@
 Each annotation is one update set of one image, stored under an idempotency key made of its
 project, task, annotation and label: an event sent twice stores nothing new. An edit that changes
 the label stores the image under the new label and withdraws the set of the old one
-(Ledger.withdraw); an edit back restores it; a deleted or skipped annotation withdraws its set. So
+(Stores.withdraw); an edit back restores it; a deleted or skipped annotation withdraws its set. So
 an annotation has at most one label in the replay memory.
 """

@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
@@ -26,7 +26,7 @@ from app.errors import IdempotencyConflict, InvalidImage, InvalidLabel, InvalidU
 from app.files import atomic_write_json, read_json
 from app.labelstudio.client import LabelStudioClient
 from app.labelstudio.payloads import Annotation, LabelConfig, Task, annotation_label, image_reference, parse_label_config
-from app.ledger import Ledger
+from app.stores import Stores
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,8 @@ Change = Literal["stored", "unchanged", "stale", "withdrawn", "restored"]
 def revision_of(updated_at: datetime | None) -> datetime:
     """When an annotation was last changed, in UTC (a time without a zone is taken as UTC; none: now)."""
     if updated_at is None:
-        return datetime.now(timezone.utc)
-    return updated_at if updated_at.tzinfo else updated_at.replace(tzinfo=timezone.utc)
+        return datetime.now(UTC)
+    return updated_at if updated_at.tzinfo else updated_at.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ class AnnotationIndex:
             yield int(path.parent.parent.name.removeprefix("project-")), path
 
 
-def confirm_label(ledger: Ledger, index: AnnotationIndex, project: int, annotation: Annotation, label: str) -> Change | None:
+def confirm_label(stores: Stores, index: AnnotationIndex, project: int, annotation: Annotation, label: str) -> Change | None:
     """What an event changes without its image: "stale" when a later revision (or a deletion) is
     already in, "unchanged" when its label already stands (its revision noted); None when the
     image has to be fetched and stored."""
@@ -122,14 +122,14 @@ def confirm_label(ledger: Ledger, index: AnnotationIndex, project: int, annotati
             return None
         if standing.supersedes(revision):
             return "stale"
-        if standing.label != label or standing.update_id is None or ledger.status(standing.update_id).status == "withdrawn":
+        if standing.label != label or standing.update_id is None or stores.status(standing.update_id).status == "withdrawn":
             return None
         index.put(project, annotation.id, replace(standing, updated_at=revision.isoformat()))
     return "unchanged"
 
 
 def commit_label(
-    ledger: Ledger, index: AnnotationIndex, project: int, task: int, annotation: Annotation, label: str, image: bytes
+    stores: Stores, index: AnnotationIndex, project: int, task: int, annotation: Annotation, label: str, image: bytes
 ) -> Change:
     """Store an annotation's image under its label and make that set the one standing for it.
 
@@ -143,16 +143,16 @@ def commit_label(
         if standing is not None and standing.supersedes(revision):
             return "stale"
         key = f"project {project} task {task} annotation {annotation.id} label {label}"
-        update, created = ledger.samples.add([image], [label], ledger.classes(), key, [f"task {task}"], KEY_OWNER)
-        restored = not created and ledger.restore(update.update_id, f"{where} says {label!r} again")
+        update, created = stores.samples.add([image], [label], stores.classes(), key, [f"task {task}"], KEY_OWNER)
+        restored = not created and stores.restore(update.update_id, f"{where} says {label!r} again")
         if standing is not None and standing.update_id not in (None, update.update_id):
-            ledger.withdraw({standing.update_id: f"{where} now says {label!r}"})
+            stores.withdraw({standing.update_id: f"{where} now says {label!r}"})
         index.put(project, annotation.id, Standing(task, update.update_id, label, revision.isoformat()))
         index.failed_path(project, annotation.id).unlink(missing_ok=True)
     return "stored" if created else "restored" if restored else "unchanged"
 
 
-def clear_label(ledger: Ledger, index: AnnotationIndex, project: int, task: int, annotation: Annotation) -> Change:
+def clear_label(stores: Stores, index: AnnotationIndex, project: int, task: int, annotation: Annotation) -> Change:
     """An annotation now gives no class (skipped, or its choice removed): withdraw what stood for it."""
     revision = revision_of(annotation.updated_at)
     with index.locked(project):
@@ -160,14 +160,14 @@ def clear_label(ledger: Ledger, index: AnnotationIndex, project: int, task: int,
         if standing is not None and standing.supersedes(revision):
             return "stale"
         if standing is not None and standing.update_id is not None:
-            ledger.withdraw({standing.update_id: f"annotation {annotation.id} of task {task}: skipped or left without a choice"})
+            stores.withdraw({standing.update_id: f"annotation {annotation.id} of task {task}: skipped or left without a choice"})
         index.put(project, annotation.id, Standing(task, None, None, revision.isoformat()))
         index.failed_path(project, annotation.id).unlink(missing_ok=True)
     return "withdrawn" if standing is not None and standing.update_id is not None else "unchanged"
 
 
 def delete_annotations(
-    ledger: Ledger, index: AnnotationIndex, project: int, annotations: list[int] | None = None, tasks: list[int] | None = None
+    stores: Stores, index: AnnotationIndex, project: int, annotations: list[int] | None = None, tasks: list[int] | None = None
 ) -> int:
     """Mark annotations deleted (these ids, or every one of these tasks) and withdraw their sets; returns how many."""
     with index.locked(project):
@@ -180,8 +180,8 @@ def delete_annotations(
             for a, s in standings.items()
             if s is not None and s.update_id is not None
         }
-        ledger.withdraw(reasons)
-        now = datetime.now(timezone.utc).isoformat()
+        stores.withdraw(reasons)
+        now = datetime.now(UTC).isoformat()
         for a, s in standings.items():
             index.put(project, a, Standing(s.task if s else None, None, None, now, deleted=True))
             index.failed_path(project, a).unlink(missing_ok=True)
@@ -189,26 +189,26 @@ def delete_annotations(
 
 
 async def apply_annotation(
-    ledger: Ledger, index: AnnotationIndex, client: LabelStudioClient, project: int, task: Task, annotation: Annotation,
+    stores: Stores, index: AnnotationIndex, client: LabelStudioClient, project: int, task: Task, annotation: Annotation,
     config: LabelConfig, label_config: str,
 ) -> Change:
     """Make what stands for an annotation what its revision says. If Label Studio cannot give its
     image, the annotation is kept to be tried again (retry_failed) and the error raised."""
     label = annotation_label(annotation, config)
     if label is None:
-        return await run_in_threadpool(clear_label, ledger, index, project, task.id, annotation)
-    if known := await run_in_threadpool(confirm_label, ledger, index, project, annotation, label):
+        return await run_in_threadpool(clear_label, stores, index, project, task.id, annotation)
+    if known := await run_in_threadpool(confirm_label, stores, index, project, annotation, label):
         return known
     try:
         [image] = await client.images([image_reference(task, config)])
     except LabelStudioUnavailable:
         await run_in_threadpool(index.keep_failed, project, task, annotation, label_config)
         raise
-    return await run_in_threadpool(commit_label, ledger, index, project, task.id, annotation, label, image)
+    return await run_in_threadpool(commit_label, stores, index, project, task.id, annotation, label, image)
 
 
 async def apply_annotations(
-    ledger: Ledger, index: AnnotationIndex, client: LabelStudioClient, project: int, pairs: list[tuple[Annotation, Task]],
+    stores: Stores, index: AnnotationIndex, client: LabelStudioClient, project: int, pairs: list[tuple[Annotation, Task]],
     label_config: str,
 ) -> tuple[Counter[str], list[WarmtuneError]]:
     """Each annotation of an event: what changed, and the annotations refused (the others go on)."""
@@ -217,14 +217,14 @@ async def apply_annotations(
     refused: list[WarmtuneError] = []
     for annotation, task in pairs:
         try:
-            changes[await apply_annotation(ledger, index, client, project, task, annotation, config, label_config)] += 1
+            changes[await apply_annotation(stores, index, client, project, task, annotation, config, label_config)] += 1
         except REFUSALS as exc:
             refused.append(exc)
     return changes, refused
 
 
 async def catch_up(
-    ledger: Ledger, index: AnnotationIndex, client: LabelStudioClient, project: int, label_config: str
+    stores: Stores, index: AnnotationIndex, client: LabelStudioClient, project: int, label_config: str
 ) -> tuple[Counter[str], list[WarmtuneError]]:
     """Bring every annotation of the project up to date (events missed while warmtune or Label
     Studio was down), and mark deleted what Label Studio no longer has.
@@ -235,14 +235,14 @@ async def catch_up(
     known = await run_in_threadpool(index.all, project)
     tasks = await client.annotated_tasks(project)
     pairs = [(annotation, task) for task in tasks for annotation in task.annotations]
-    changes, refused = await apply_annotations(ledger, index, client, project, pairs, label_config)
+    changes, refused = await apply_annotations(stores, index, client, project, pairs, label_config)
     in_studio = {annotation.id for annotation, _ in pairs}
     gone = [a for a, s in known.items() if not s.deleted and a not in in_studio]
-    changes["withdrawn"] += await run_in_threadpool(delete_annotations, ledger, index, project, gone)
+    changes["withdrawn"] += await run_in_threadpool(delete_annotations, stores, index, project, gone)
     return changes, refused
 
 
-async def retry_failed(ledger: Ledger, index: AnnotationIndex, client: LabelStudioClient) -> int:
+async def retry_failed(stores: Stores, index: AnnotationIndex, client: LabelStudioClient) -> int:
     """Try again the annotations whose image Label Studio could not give; returns how many were applied."""
     applied = 0
     for project, path in await run_in_threadpool(lambda: list(index.failed())):
@@ -250,7 +250,7 @@ async def retry_failed(ledger: Ledger, index: AnnotationIndex, client: LabelStud
             kept = read_json(path)
             task, annotation = Task.model_validate(kept["task"]), Annotation.model_validate(kept["annotation"])
             config = parse_label_config(kept["label_config"])
-            await apply_annotation(ledger, index, client, project, task, annotation, config, kept["label_config"])
+            await apply_annotation(stores, index, client, project, task, annotation, config, kept["label_config"])
             path.unlink(missing_ok=True)  # also when a later event had already settled it ("stale", "unchanged")
             applied += 1
         except LabelStudioUnavailable:

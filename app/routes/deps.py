@@ -9,19 +9,19 @@ from fastapi import Depends, Request
 
 from app.labelstudio.annotations import AnnotationIndex
 from app.labelstudio.client import LabelStudioClient
-from app.ledger import Ledger
 from app.metrics import Metrics
 from app.queue import UpdateQueue
 from app.serving import ModelServer
 from app.settings import Settings
+from app.stores import Stores
 
 
 def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_ledger(request: Request) -> Ledger:
-    return request.app.state.ledger
+def get_stores(request: Request) -> Stores:
+    return request.app.state.stores
 
 
 def get_metrics(request: Request) -> Metrics:
@@ -45,7 +45,7 @@ def get_annotation_index(request: Request) -> AnnotationIndex:
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-LedgerDep = Annotated[Ledger, Depends(get_ledger)]
+StoresDep = Annotated[Stores, Depends(get_stores)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 ServerDep = Annotated[ModelServer, Depends(get_server)]
 QueueDep = Annotated[UpdateQueue, Depends(get_queue)]

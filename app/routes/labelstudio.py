@@ -15,7 +15,7 @@ from app.auth import require
 from app.errors import InvalidUpdate, TooLarge
 from app.labelstudio.annotations import apply_annotations, catch_up, delete_annotations
 from app.labelstudio.payloads import PredictRequest, SetupRequest, WebhookEvent, image_reference, parse_label_config, pre_annotation
-from app.routes.deps import AnnotationIndexDep, LabelStudioDep, LedgerDep, QueueDep, ServerDep, SettingsDep
+from app.routes.deps import AnnotationIndexDep, LabelStudioDep, QueueDep, ServerDep, SettingsDep, StoresDep
 from app.routes.uploads import read_json
 
 router = APIRouter(prefix="/labelstudio", tags=["label studio"])
@@ -57,7 +57,7 @@ async def predict(request: Request, settings: SettingsDep, server: ServerDep, cl
 
 @router.post("/webhook", dependencies=[Depends(require("annotate", basic=True))])
 async def webhook(
-    request: Request, settings: SettingsDep, ledger: LedgerDep, queue: QueueDep, client: LabelStudioDep, index: AnnotationIndexDep
+    request: Request, settings: SettingsDep, stores: StoresDep, queue: QueueDep, client: LabelStudioDep, index: AnnotationIndexDep
 ) -> dict[str, Any]:
     """Label Studio's events: annotations created or updated become update sets (an edit supersedes
     the old label), deleted or skipped ones are withdrawn, START_TRAINING brings every annotation up
@@ -74,13 +74,13 @@ async def webhook(
     if event.action in DELETED:
         annotations, tasks = [a.id for a in event.annotations], [t.id for t in event.tasks]
         deleted = (annotations, None) if event.action == "ANNOTATIONS_DELETED" else (None, tasks)
-        withdrawn = await run_in_threadpool(delete_annotations, ledger, index, project, *deleted)
+        withdrawn = await run_in_threadpool(delete_annotations, stores, index, project, *deleted)
         return {"action": event.action, "changes": {"withdrawn": withdrawn} if withdrawn else {}, "refused": []}
     try:
         if event.action == "START_TRAINING":
-            changes, refused = await catch_up(ledger, index, client, project, event.project.label_config)
+            changes, refused = await catch_up(stores, index, client, project, event.project.label_config)
         else:
-            changes, refused = await apply_annotations(ledger, index, client, project, event.annotated(), event.project.label_config)
+            changes, refused = await apply_annotations(stores, index, client, project, event.annotated(), event.project.label_config)
             if refused:
                 raise refused[0]
     finally:

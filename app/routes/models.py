@@ -10,7 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
 
 from app.auth import require
-from app.routes.deps import LedgerDep, QueueDep, ServerDep
+from app.routes.deps import QueueDep, ServerDep, StoresDep
 from app.snapshots import SnapshotStore
 
 router = APIRouter(tags=["models"])
@@ -41,16 +41,16 @@ def list_models(snapshots: SnapshotStore) -> ModelsOut:
 
 
 @router.get("/models", response_model=ModelsOut, dependencies=[Depends(require("predict"))])
-async def get_models(ledger: LedgerDep) -> ModelsOut:
-    return await run_in_threadpool(list_models, ledger.snapshots)
+async def get_models(stores: StoresDep) -> ModelsOut:
+    return await run_in_threadpool(list_models, stores.snapshots)
 
 
 @router.post("/models/{version}/promote", response_model=ModelsOut, dependencies=[Depends(require("admin"))])
-async def promote(version: int, ledger: LedgerDep, server: ServerDep, queue: QueueDep) -> ModelsOut:
+async def promote(version: int, stores: StoresDep, server: ServerDep, queue: QueueDep) -> ModelsOut:
     """Make an existing version current; this replica loads and serves it before answering, the others follow."""
     await server.promote(version)  # 409, and nothing moves, if it does not load here
     await run_in_threadpool(queue.announce, version)
-    return await run_in_threadpool(list_models, ledger.snapshots)
+    return await run_in_threadpool(list_models, stores.snapshots)
 
 
 async def set_pin(snapshots: SnapshotStore, version: int, pinned: bool) -> ModelsOut:
@@ -59,12 +59,12 @@ async def set_pin(snapshots: SnapshotStore, version: int, pinned: bool) -> Model
 
 
 @router.post("/models/{version}/pin", response_model=ModelsOut, dependencies=[Depends(require("admin"))])
-async def pin(version: int, ledger: LedgerDep) -> ModelsOut:
+async def pin(version: int, stores: StoresDep) -> ModelsOut:
     """Keep this version's weights whatever retention says (409 if they are already pruned)."""
-    return await set_pin(ledger.snapshots, version, True)
+    return await set_pin(stores.snapshots, version, True)
 
 
 @router.delete("/models/{version}/pin", response_model=ModelsOut, dependencies=[Depends(require("admin"))])
-async def unpin(version: int, ledger: LedgerDep) -> ModelsOut:
+async def unpin(version: int, stores: StoresDep) -> ModelsOut:
     """Let retention prune this version's weights again once it is old enough."""
-    return await set_pin(ledger.snapshots, version, False)
+    return await set_pin(stores.snapshots, version, False)

@@ -12,7 +12,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.auth import require
-from app.routes.deps import LedgerDep, MetricsDep, ServerDep
+from app.routes.deps import MetricsDep, ServerDep, StoresDep
 
 router = APIRouter(tags=["ops"])
 any_key = [Depends(require(None))]
@@ -45,11 +45,11 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz")
-async def readyz(server: ServerDep, ledger: LedgerDep) -> JSONResponse:
+async def readyz(server: ServerDep, stores: StoresDep) -> JSONResponse:
     """Ready while a model serves, or while there is none yet and the first update can be taken."""
     if server.current is not None:
         return JSONResponse({"status": "ready", "model_version": server.current.version})
-    current = await run_in_threadpool(ledger.snapshots.current)
+    current = await run_in_threadpool(stores.snapshots.current)
     if current is None:
         return JSONResponse({"status": "ready", "model_version": None, "detail": "no model yet: waiting for a first update"})
     # The reason is in the server log (app.serving logs it); probes answer anyone, so it stays there.

@@ -10,9 +10,9 @@ from pydantic import BaseModel
 
 from app.auth import require
 from app.errors import MalformedRequest
-from app.ledger import Status, UpdateStatus
-from app.routes.deps import LedgerDep, QueueDep, SettingsDep
+from app.routes.deps import QueueDep, SettingsDep, StoresDep
 from app.routes.uploads import IMAGE_FILES, multipart_body, read_files, read_form
+from app.stores import Status, UpdateStatus
 
 router = APIRouter(tags=["updates"])
 
@@ -56,7 +56,7 @@ async def post_update(
     request: Request,
     response: Response,
     settings: SettingsDep,
-    ledger: LedgerDep,
+    stores: StoresDep,
     queue: QueueDep,
     caller: str = Depends(require("annotate")),
     idempotency_key: str | None = Header(None, max_length=200),
@@ -75,10 +75,10 @@ async def post_update(
     if not all(isinstance(label, str) for label in labels):
         raise MalformedRequest("labels must be plain form fields, not files")
     update, created = await run_in_threadpool(
-        ledger.samples.add,
+        stores.samples.add,
         [data for _, data in images],
         labels,
-        ledger.classes(),
+        stores.classes(),
         idempotency_key,
         [name for name, _ in images],
         caller,
@@ -87,15 +87,15 @@ async def post_update(
         await run_in_threadpool(queue.submit)
         status: Status = "queued"
     else:
-        status = (await run_in_threadpool(ledger.status, update.update_id)).status
+        status = (await run_in_threadpool(stores.status, update.update_id)).status
     response.headers["Location"] = f"/updates/{update.update_id}"
     return UpdateAccepted(update_id=update.update_id, status=status, samples=len(update), new_classes=list(update.new_classes))
 
 
 @router.get("/updates/{update_id}", response_model=UpdateStatusOut, dependencies=[Depends(require("annotate"))])
-async def get_update(update_id: str, ledger: LedgerDep) -> UpdateStatusOut:
+async def get_update(update_id: str, stores: StoresDep) -> UpdateStatusOut:
     """Status of an update set, with the step's metrics (holdout accuracies, iterations, seconds) and every attempt."""
-    status = await run_in_threadpool(ledger.status, update_id)
+    status = await run_in_threadpool(stores.status, update_id)
     return UpdateStatusOut.of(status)
 
 
@@ -105,9 +105,9 @@ async def get_update(update_id: str, ledger: LedgerDep) -> UpdateStatusOut:
     response_model=UpdateStatusOut,
     dependencies=[Depends(require("annotate"))],
 )
-async def retry_update(response: Response, update_id: str, ledger: LedgerDep, queue: QueueDep) -> UpdateStatusOut:
+async def retry_update(response: Response, update_id: str, stores: StoresDep, queue: QueueDep) -> UpdateStatusOut:
     """Queue a rejected, failed or orphaned update set again (409 for any other)."""
-    await run_in_threadpool(ledger.requeue, update_id, "retried on request")
+    await run_in_threadpool(stores.requeue, update_id, "retried on request")
     await run_in_threadpool(queue.submit)
     response.headers["Location"] = f"/updates/{update_id}"
-    return UpdateStatusOut.of(await run_in_threadpool(ledger.status, update_id))
+    return UpdateStatusOut.of(await run_in_threadpool(stores.status, update_id))

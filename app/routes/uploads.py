@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-
 from typing import TypeVar
 
 from fastapi import Request
@@ -15,7 +14,6 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from app.errors import InvalidLabel, MalformedRequest, RequestTimeout, TooLarge, UnsupportedMediaType
 from app.settings import Settings
-
 
 IMAGE_FILES = {"type": "array", "items": {"type": "string", "format": "binary"}}
 

@@ -8,8 +8,8 @@ import torch
 from imagegen import make_set
 
 from app.errors import NotRetryable
-from app.ledger import Ledger
-from app.snapshots import Outcome, SnapshotMeta
+from app.snapshots import AttemptRecord, SnapshotMeta
+from app.stores import Stores
 
 
 def age(*directories) -> None:
@@ -20,13 +20,13 @@ def age(*directories) -> None:
 
 
 def test_status_follows_each_change_made_by_another_process_while_lookups_are_cached(settings):
-    api, worker = Ledger(settings), Ledger(settings)  # two processes' views of one home
+    api, worker = Stores(settings), Stores(settings)  # two processes' views of one home
     [first, second] = [api.samples.add(*make_set({"red": 2}, seed=s))[0].update_id for s in (1, 2)]
     age(api.samples.root, api.snapshots.outcomes_dir)
     assert [api.status(u).status for u in (first, second)] == ["queued", "queued"]
     assert api.stores_version() is not None and api.counts()["queued"] == 2  # from the cache now
 
-    worker.snapshots.record_outcome(Outcome(outcome_id="o1", status="rejected", parent=None, update_ids=[first], reason="bad"))
+    worker.snapshots.record_attempt(AttemptRecord(outcome_id="o1", status="rejected", parent=None, update_ids=[first], reason="bad"))
     assert api.status(first).status == "rejected"
     age(api.snapshots.outcomes_dir)
     assert api.status(first).status == "rejected" and api.counts()["rejected"] == 1
@@ -41,28 +41,28 @@ def test_status_follows_each_change_made_by_another_process_while_lookups_are_ca
 
 
 def test_a_withdrawn_set_stays_out_of_the_replay_memory_until_restored_even_if_a_step_applied_it(settings):
-    ledger = Ledger(settings)
-    keep, take_back = [ledger.samples.add(*make_set({"red": 2}, seed=s))[0].update_id for s in (1, 2)]
-    ledger.withdraw({take_back: "annotation 3 of task 1 now says 'blue'"})
-    assert ledger.status(take_back).status == "withdrawn"
-    assert [u.update_id for u in ledger.pending()] == [keep]
+    stores = Stores(settings)
+    keep, take_back = [stores.samples.add(*make_set({"red": 2}, seed=s))[0].update_id for s in (1, 2)]
+    stores.withdraw({take_back: "annotation 3 of task 1 now says 'blue'"})
+    assert stores.status(take_back).status == "withdrawn"
+    assert [u.update_id for u in stores.pending()] == [keep]
 
     # a step that read both sets before the withdrawal publishes them: the withdrawal holds
     meta = SnapshotMeta(version=0, parent=None, classes=["red"], arch="resnet18", image_size=32, base_weights="none",
                         update_ids=[keep, take_back])
-    version = ledger.snapshots.publish({"w": torch.zeros(1)}, meta)
-    status = ledger.status(take_back)
+    version = stores.snapshots.publish({"w": torch.zeros(1)}, meta)
+    status = stores.status(take_back)
     assert status.status == "withdrawn" and "now says 'blue'" in status.error
     assert [a.status for a in status.attempts] == ["withdrawn", "applied"]
-    assert [u.update_id for u in ledger.replay_sets(version)] == [keep]
-    assert ledger.counts()["withdrawn"] == 1 and ledger.counts()["applied"] == 1
+    assert [u.update_id for u in stores.replay_sets(version)] == [keep]
+    assert stores.counts()["withdrawn"] == 1 and stores.counts()["applied"] == 1
     with pytest.raises(NotRetryable, match="is withdrawn"):
-        ledger.requeue(take_back, "retried on request")
+        stores.requeue(take_back, "retried on request")
     # a retry that checked the status just before the withdrawal does not undo it
-    ledger.snapshots.record_outcome(Outcome(outcome_id="r1", status="requeued", parent=version, update_ids=[take_back], reason="retry"))
-    assert ledger.status(take_back).status == "withdrawn"
+    stores.snapshots.record_attempt(AttemptRecord(outcome_id="r1", status="requeued", parent=version, update_ids=[take_back], reason="retry"))
+    assert stores.status(take_back).status == "withdrawn"
 
-    assert ledger.restore(take_back, "the label is 'red' again")
-    assert ledger.status(take_back).status == "applied"  # its version is in the lineage
-    assert [u.update_id for u in ledger.replay_sets(version)] == [keep, take_back]
-    assert not ledger.restore(take_back, "twice")
+    assert stores.restore(take_back, "the label is 'red' again")
+    assert stores.status(take_back).status == "applied"  # its version is in the lineage
+    assert [u.update_id for u in stores.replay_sets(version)] == [keep, take_back]
+    assert not stores.restore(take_back, "twice")

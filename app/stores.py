@@ -21,7 +21,7 @@ from app.errors import CorruptUpdate, NotRetryable
 from app.files import atomic_write_json, directory_version, read_json
 from app.samples import SampleStore, UpdateSet
 from app.settings import Settings
-from app.snapshots import Outcome, SnapshotStore
+from app.snapshots import AttemptRecord, SnapshotStore
 
 Status = Literal["queued", "running", "applied", "rejected", "failed", "orphaned", "withdrawn", "quarantined"]
 STATUSES: tuple[Status, ...] = (
@@ -32,14 +32,16 @@ RETRYABLE: tuple[Status, ...] = ("rejected", "failed", "orphaned")
 
 @dataclass(frozen=True)
 class Attempt:
-    """One thing that happened to an update set: applied in a version, rejected, failed, queued again, or
-    withdrawn by its source and restored."""
+    """One thing that happened to update sets: applied in a version, rejected, failed, queued again, or
+    withdrawn by their source and restored. What an update step returns, and what a set's history
+    lists; its status is what the set's attempts add up to (UpdateStatus)."""
 
     status: Literal["applied", "rejected", "failed", "requeued", "withdrawn", "restored"]
     at: float
     model_version: int | None  # the version it was applied in, or judged against
     reason: str | None
     metrics: dict[str, Any] = field(default_factory=dict)
+    update_ids: list[str] = field(default_factory=list)  # the sets it was about, together
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,10 +58,8 @@ class UpdateStatus:
     attempts: list[Attempt] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class LastStep:
-    status: Status
-    created_at: float
+def attempt_of(record: AttemptRecord) -> Attempt:
+    return Attempt(record.status, record.created_at, record.parent, record.reason, record.metrics, record.update_ids)
 
 
 def settle(attempts: list[Attempt], lineage: set[int]) -> tuple[Status, Attempt | None]:
@@ -83,7 +83,7 @@ def settle(attempts: list[Attempt], lineage: set[int]) -> tuple[Status, Attempt 
     return ("orphaned" if last.status == "applied" else last.status), last
 
 
-class Ledger:
+class Stores:
     """The sample store and the snapshot store of one WARMTUNE_HOME, and what follows from them."""
 
     def __init__(self, settings: Settings) -> None:
@@ -127,14 +127,15 @@ class Ledger:
 
     def _read_history(self) -> dict[str, list[Attempt]]:
         attempts: dict[str, list[Attempt]] = {}
-        for outcome in self.snapshots.outcomes():
-            for update_id in outcome.update_ids:
-                attempt = Attempt(outcome.status, outcome.created_at, outcome.parent, outcome.reason, outcome.metrics)
+        for record in self.snapshots.attempt_records():
+            attempt = attempt_of(record)
+            for update_id in record.update_ids:
                 attempts.setdefault(update_id, []).append(attempt)
         for version in self.snapshots.versions():
             meta = self.snapshots.meta(version)
+            attempt = Attempt("applied", meta.created_at, version, None, meta.metrics, meta.update_ids)
             for update_id in meta.update_ids:
-                attempts.setdefault(update_id, []).append(Attempt("applied", meta.created_at, version, None, meta.metrics))
+                attempts.setdefault(update_id, []).append(attempt)
         for entries in attempts.values():
             entries.sort(key=lambda a: a.at)
         return attempts
@@ -259,8 +260,8 @@ class Ledger:
     def _record(
         self, update_id: str, status: Literal["requeued", "withdrawn", "restored"], reason: str, automatic: bool = False
     ) -> None:
-        self.snapshots.record_outcome(
-            Outcome(
+        self.snapshots.record_attempt(
+            AttemptRecord(
                 outcome_id=uuid.uuid4().hex,
                 status=status,
                 parent=self.snapshots.current(),
@@ -286,8 +287,11 @@ class Ledger:
         return set(marker["update_ids"]) if marker["expires_at"] > time.time() else set()
 
 
-    def last_step(self) -> LastStep | None:
-        """The most recent update step's outcome: a published version, or a rejected or failed step."""
-        steps = [LastStep("applied", self.snapshots.meta(v).created_at) for v in self.snapshots.versions()[-1:]]
-        steps += [LastStep(o.status, o.created_at) for o in self.snapshots.outcomes() if o.status in ("rejected", "failed")][-1:]
-        return max(steps, key=lambda s: s.created_at, default=None)
+    def last_step(self) -> Attempt | None:
+        """The most recent update step's attempt: a published version, or a rejected or failed step."""
+        steps = []
+        for version in self.snapshots.versions()[-1:]:
+            meta = self.snapshots.meta(version)
+            steps.append(Attempt("applied", meta.created_at, version, None, meta.metrics, meta.update_ids))
+        steps += [attempt_of(r) for r in self.snapshots.attempt_records() if r.status in ("rejected", "failed")][-1:]
+        return max(steps, key=lambda a: a.at, default=None)
