@@ -28,9 +28,7 @@ from app.stores import Stores
 log = logging.getLogger(__name__)
 
 
-def make_queue(
-    settings: Settings, job: UpdateJob, stores: Stores, server: ModelServer, loop: asyncio.AbstractEventLoop
-) -> UpdateQueue:
+def make_queue(settings: Settings, job: UpdateJob, stores: Stores, server: ModelServer, loop: asyncio.AbstractEventLoop) -> UpdateQueue:
     """Embedded worker thread without Redis; RQ with it. Either way a new version triggers a refresh.
 
     The embedded job shares this process's stores, so what it read from the stores stays read.

@@ -53,7 +53,9 @@ def require(role: Role | None, basic: bool = False) -> Callable[[Request], Await
             return ""
         key = presented_key(request.headers.get("authorization", ""), basic)
         if not key:
-            raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'" + (" (or basic auth, the key as password)" if basic else ""))
+            raise Unauthorized(
+                "missing API key: send 'Authorization: Bearer <key>'" + (" (or basic auth, the key as password)" if basic else "")
+            )
         caller = key_digest(key)
         roles = roles_by_digest.get(caller)
         if roles is None:

@@ -137,8 +137,13 @@ def cmd_experiment(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-BENCHMARKS = {"update-step": "bench.update_step", "predict": "bench.predict", "stream": "bench.stream", "history": "bench.history",
-              "label-check": "bench.label_check"}
+BENCHMARKS = {
+    "update-step": "bench.update_step",
+    "predict": "bench.predict",
+    "stream": "bench.stream",
+    "history": "bench.history",
+    "label-check": "bench.label_check",
+}
 
 
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
@@ -157,7 +162,13 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     overrides = {"arch": args.arch, "image_size": args.image_size}
     settings = demo_settings(settings.model_copy(update=overrides), args.home)
     tally = run_demo(
-        settings, apply_pending_updates, args.data, args.initial_classes, args.new_classes, args.per_class, args.set_size,
+        settings,
+        apply_pending_updates,
+        args.data,
+        args.initial_classes,
+        args.new_classes,
+        args.per_class,
+        args.set_size,
         args.seed,
     )
     return 0 if tally.failures == 0 and tally.total else 1
@@ -189,7 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--home", type=Path, default=None, help="WARMTUNE_HOME to use (default: a new temporary one)")
     demo.add_argument("--seed", type=int, default=0)
 
-    bench = sub.add_parser("bench", help="run a benchmark: update-step, predict, stream, history or label-check (add --help after its name)")
+    bench = sub.add_parser(
+        "bench", help="run a benchmark: update-step, predict, stream, history or label-check (add --help after its name)"
+    )
     bench.add_argument("name", choices=sorted(BENCHMARKS))
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="the benchmark's own flags")
 
@@ -225,8 +238,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {
-    "serve": cmd_serve, "worker": cmd_worker, "demo": cmd_demo, "bench": cmd_bench, "experiment": cmd_experiment,
-    "update": cmd_update, "retry": cmd_retry, "ingest": cmd_ingest,
+    "serve": cmd_serve,
+    "worker": cmd_worker,
+    "demo": cmd_demo,
+    "bench": cmd_bench,
+    "experiment": cmd_experiment,
+    "update": cmd_update,
+    "retry": cmd_retry,
+    "ingest": cmd_ingest,
 }
 
 

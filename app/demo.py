@@ -120,8 +120,10 @@ def run_demo(
 
     server, url = start_server(settings, update_job)
     print(f"warmtune serving at {url} ({settings.arch} at {settings.image_size} px, home {settings.home})")
-    print(f"annotator: {len(sets)} update sets of up to {set_size} images; first {', '.join(plan[0])}, then "
-          + ", then ".join(c[0] for c in plan[1:]))
+    print(
+        f"annotator: {len(sets)} update sets of up to {set_size} images; first {', '.join(plan[0])}, then "
+        + ", then ".join(c[0] for c in plan[1:])
+    )
     stop, tally = threading.Event(), Tally()
     client = threading.Thread(target=run_client, args=(url, test, stop, tally), daemon=True)
     client.start()

@@ -49,20 +49,14 @@ class StoresCollector(Collector):
         for status, n in counts.items():
             updates.add_metric([status], n)
         yield updates
-        yield GaugeMetricFamily(
-            "warmtune_update_queue_depth", "Update sets stored and waiting for a job.", value=counts["queued"]
-        )
-        yield GaugeMetricFamily(
-            "warmtune_worker_busy", "1 while an update job is training.", value=int(counts["running"] > 0)
-        )
+        yield GaugeMetricFamily("warmtune_update_queue_depth", "Update sets stored and waiting for a job.", value=counts["queued"])
+        yield GaugeMetricFamily("warmtune_worker_busy", "1 while an update job is training.", value=int(counts["running"] > 0))
         last = self.stores.last_step()
         if last is not None:
             info = GaugeMetricFamily("warmtune_last_step", "Status of the last update step (1).", labels=["status"])
             info.add_metric([last.status], 1)
             yield info
-            yield GaugeMetricFamily(
-                "warmtune_last_step_timestamp_seconds", "When the last update step ended.", value=last.at
-            )
+            yield GaugeMetricFamily("warmtune_last_step_timestamp_seconds", "When the last update step ended.", value=last.at)
 
 
 class Metrics:
@@ -75,26 +69,24 @@ class Metrics:
         self.swap_failures = Counter(
             "warmtune_swap_failures_total", "Model versions that failed to load; the old one kept serving.", registry=r
         )
-        self.swap_seconds = Histogram(
-            "warmtune_swap_seconds", "Load and warm-up of a new version.", buckets=LATENCY_BUCKETS, registry=r
-        )
+        self.swap_seconds = Histogram("warmtune_swap_seconds", "Load and warm-up of a new version.", buckets=LATENCY_BUCKETS, registry=r)
         self.predict_requests = Counter(
-            "warmtune_predict_requests", "Predict requests by HTTP status and answering version.",
-            ["status", "version"], registry=r,
+            "warmtune_predict_requests",
+            "Predict requests by HTTP status and answering version.",
+            ["status", "version"],
+            registry=r,
         )
         self.predict_latency = Histogram(
             "warmtune_predict_latency_seconds", "Predict request latency.", buckets=LATENCY_BUCKETS, registry=r
         )
-        self.predict_batch = Histogram(
-            "warmtune_predict_batch_size", "Images per forward pass.", buckets=BATCH_BUCKETS, registry=r
-        )
+        self.predict_batch = Histogram("warmtune_predict_batch_size", "Images per forward pass.", buckets=BATCH_BUCKETS, registry=r)
         self.update_duration = Histogram(
-            "warmtune_update_duration_seconds", "Label to serve: from storing an update set to serving a version with it.",
-            buckets=UPDATE_BUCKETS, registry=r,
+            "warmtune_update_duration_seconds",
+            "Label to serve: from storing an update set to serving a version with it.",
+            buckets=UPDATE_BUCKETS,
+            registry=r,
         )
-        self.holdout_accuracy = Gauge(
-            "warmtune_holdout_accuracy", "Holdout accuracy of the served version.", ["scope"], registry=r
-        )
+        self.holdout_accuracy = Gauge("warmtune_holdout_accuracy", "Holdout accuracy of the served version.", ["scope"], registry=r)
 
     def watch_stores(self, stores: Stores) -> None:
         self.registry.register(StoresCollector(stores))

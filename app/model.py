@@ -65,8 +65,7 @@ def base_state_dict(arch: str, weights: str) -> dict[str, torch.Tensor]:
             return enum.get_state_dict(progress=False)
         except OSError as exc:
             raise ModelError(
-                f"ImageNet weights for {arch} are neither in torch's cache nor downloadable ({exc}); "
-                f"place them at {cache}"
+                f"ImageNet weights for {arch} are neither in torch's cache nor downloadable ({exc}); place them at {cache}"
             ) from None
     path = Path(weights)
     if not path.is_file():

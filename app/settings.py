@@ -25,9 +25,7 @@ class Settings(BaseSettings):
 
     # Model
     arch: str = Field("alexnet", description="torchvision classification model name.")
-    base_weights: str = Field(
-        "none", description="Initial weights: none (random), imagenet (torchvision's), or a state-dict path."
-    )
+    base_weights: str = Field("none", description="Initial weights: none (random), imagenet (torchvision's), or a state-dict path.")
     image_size: int = Field(224, ge=16, description="Side of the square model input in pixels.")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     head_init: Literal["mean", "random"] = Field(
@@ -44,17 +42,13 @@ class Settings(BaseSettings):
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
     weight_decay: float = Field(0.0005, ge=0, description="L2 weight decay.")
     batch_size: int = Field(64, ge=1, description="Minibatch size of the fine-tune.")
-    replay_lambda: float = Field(
-        0.75, ge=0, le=1, description="Probability of drawing a sample from old data D_{t-1} (λ)."
-    )
+    replay_lambda: float = Field(0.75, ge=0, le=1, description="Probability of drawing a sample from old data D_{t-1} (λ).")
     iterations: str = Field(
         "update-size",
         description="SGD iterations per update: update-size (|U_t|), epochs:<fraction> of D_t, or a number.",
     )
     bootstrap_max_epochs: int = Field(100, ge=1, description="Most epochs the first version trains for.")
-    bootstrap_patience: int = Field(
-        10, ge=1, description="The first version stops after this many epochs without a lower holdout loss."
-    )
+    bootstrap_patience: int = Field(10, ge=1, description="The first version stops after this many epochs without a lower holdout loss.")
     consolidate_growth: float = Field(
         1.5,
         ge=0,
@@ -106,17 +100,13 @@ class Settings(BaseSettings):
         "or the oldest set has waited long enough (fewer, larger steps and snapshots).",
     )
     trigger_samples: int = Field(100, ge=1, description="batched: a step once this many samples are pending.")
-    trigger_wait_s: float = Field(
-        300.0, ge=0, description="batched: a step once the oldest pending set has waited this many seconds."
-    )
+    trigger_wait_s: float = Field(300.0, ge=0, description="batched: a step once the oldest pending set has waited this many seconds.")
 
     # Retention: which versions keep their weights (every version keeps its metadata)
     retain_versions: int = Field(
         10, ge=1, description="The newest versions that keep their weights, besides the current one and pinned ones."
     )
-    retain_seconds: float = Field(
-        0.0, ge=0, description="A rollback window: versions younger than this keep their weights too (0: none)."
-    )
+    retain_seconds: float = Field(0.0, ge=0, description="A rollback window: versions younger than this keep their weights too (0: none).")
 
     # Input limits
     max_image_pixels: int = Field(
@@ -137,9 +127,7 @@ class Settings(BaseSettings):
 
     # Serving
     max_batch_size: int = Field(32, ge=1, description="Most images in one forward pass of /predict.")
-    max_batch_wait_ms: float = Field(
-        0.0, ge=0, description="Extra wait for a batch to fill; 0 takes what is queued (no added latency)."
-    )
+    max_batch_wait_ms: float = Field(0.0, ge=0, description="Extra wait for a batch to fill; 0 takes what is queued (no added latency).")
     decode_threads: int = Field(
         4, ge=1, description="Images decoded at once: threads for /predict, and as many again for validating /updates."
     )

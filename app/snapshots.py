@@ -135,8 +135,7 @@ class SnapshotStore:
         self.meta(version)
         if not self.has_weights(version):
             raise VersionPruned(
-                f"version {version} has no weights any more: retention pruned them (its metadata stays); "
-                "pin a version to keep its weights"
+                f"version {version} has no weights any more: retention pruned them (its metadata stays); pin a version to keep its weights"
             )
 
     def pinned(self, version: int) -> bool:

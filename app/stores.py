@@ -24,9 +24,7 @@ from app.settings import Settings
 from app.snapshots import AttemptRecord, SnapshotStore
 
 Status = Literal["queued", "running", "applied", "rejected", "failed", "orphaned", "withdrawn", "quarantined"]
-STATUSES: tuple[Status, ...] = (
-    "queued", "running", "applied", "rejected", "failed", "orphaned", "withdrawn", "quarantined"
-)
+STATUSES: tuple[Status, ...] = ("queued", "running", "applied", "rejected", "failed", "orphaned", "withdrawn", "quarantined")
 RETRYABLE: tuple[Status, ...] = ("rejected", "failed", "orphaned")
 
 
@@ -214,9 +212,7 @@ class Stores:
         """Queue a rejected, failed or orphaned set for another step; NotRetryable for any other."""
         status = self.status(update_id).status
         if status not in RETRYABLE:
-            raise NotRetryable(
-                f"update set {update_id} is {status}; only {', '.join(RETRYABLE)} sets can be retried"
-            )
+            raise NotRetryable(f"update set {update_id} is {status}; only {', '.join(RETRYABLE)} sets can be retried")
         self._record(update_id, "requeued", reason, automatic)
 
     def reconsider_rejected(self, version: int, max_automatic: int) -> list[str]:
@@ -257,9 +253,7 @@ class Stores:
         self._record(update_id, "restored", reason)
         return True
 
-    def _record(
-        self, update_id: str, status: Literal["requeued", "withdrawn", "restored"], reason: str, automatic: bool = False
-    ) -> None:
+    def _record(self, update_id: str, status: Literal["requeued", "withdrawn", "restored"], reason: str, automatic: bool = False) -> None:
         self.snapshots.record_attempt(
             AttemptRecord(
                 outcome_id=uuid.uuid4().hex,
@@ -285,7 +279,6 @@ class Stores:
         except (FileNotFoundError, ValueError):
             return set()
         return set(marker["update_ids"]) if marker["expires_at"] > time.time() else set()
-
 
     def last_step(self) -> Attempt | None:
         """The most recent update step's attempt: a published version, or a rejected or failed step."""

@@ -57,8 +57,14 @@ def build_history(home: Path, versions: int, sets: int) -> list[str]:
         chunk = ids[v * per_version : (v + 1) * per_version] if v < versions - 1 else ids[v * per_version :]
         state = build_model("resnet18", 2).state_dict() if v == versions - 1 else tiny
         meta = SnapshotMeta(
-            version=0, parent=v or None, classes=["a", "b"], arch="resnet18", image_size=32, base_weights="none",
-            update_ids=chunk, metrics={"holdout_after": {"all": 1.0}},
+            version=0,
+            parent=v or None,
+            classes=["a", "b"],
+            arch="resnet18",
+            image_size=32,
+            base_weights="none",
+            update_ids=chunk,
+            metrics={"holdout_after": {"all": 1.0}},
         )
         stores.snapshots.publish(state, meta)
     return ids
@@ -92,11 +98,17 @@ def measure(versions: int, sets: int, requests: int) -> dict:
         built = time.perf_counter() - clock
         port = 20000 + os.getpid() % 10000
         env = {
-            **os.environ, "WARMTUNE_HOME": str(home), "WARMTUNE_ARCH": "resnet18", "WARMTUNE_IMAGE_SIZE": "32",
-            "WARMTUNE_DEVICE": "cpu", "WARMTUNE_POLL_INTERVAL_S": "3600",  # the poll loop's own scans stay out of the figures
+            **os.environ,
+            "WARMTUNE_HOME": str(home),
+            "WARMTUNE_ARCH": "resnet18",
+            "WARMTUNE_IMAGE_SIZE": "32",
+            "WARMTUNE_DEVICE": "cpu",
+            "WARMTUNE_POLL_INTERVAL_S": "3600",  # the poll loop's own scans stay out of the figures
         }
         log = open(Path(tmp) / "server.log", "wb")
-        server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
         try:
             url = f"http://127.0.0.1:{port}"
             deadline = time.monotonic() + 120
@@ -152,11 +164,19 @@ def run_steps(steps: int, set_size: int, out: Path) -> list[dict]:
             results = apply_pending_updates(settings, stores=stores)  # as the service runs it; a reconsidered set may add a step
             seconds = time.perf_counter() - clock
             m = results[-1].metrics
-            rows.append({
-                "step": step, "status": ",".join(r.status for r in results), "seconds": seconds, "load_s": m.get("load_seconds"),
-                "train_s": m.get("train_seconds"), "evaluate_s": m.get("evaluate_seconds"), "rss_mb": rss_mb(),
-                "disk_mb": disk_bytes(settings.home) / 1e6, "samples_old": m.get("samples_old"),
-            })
+            rows.append(
+                {
+                    "step": step,
+                    "status": ",".join(r.status for r in results),
+                    "seconds": seconds,
+                    "load_s": m.get("load_seconds"),
+                    "train_s": m.get("train_seconds"),
+                    "evaluate_s": m.get("evaluate_seconds"),
+                    "rss_mb": rss_mb(),
+                    "disk_mb": disk_bytes(settings.home) / 1e6,
+                    "samples_old": m.get("samples_old"),
+                }
+            )
             if step % 10 == 0:
                 print(json.dumps(rows[-1]), flush=True)
                 out.write_text(json.dumps({"set_size": set_size, "rows": rows}, indent=1))

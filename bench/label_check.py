@@ -163,8 +163,11 @@ def rule_families(known: Answers, predictions: dict[str, list[str]], log_probs: 
     families: dict[str, dict] = {"before: one-class confusion + agreement, holdout": {alpha: lambda s: before_rule_p(known, s) < alpha}}
     for prior in PRIORS:
         families[f"relabel factor + agreement, holdout, prior {prior}"] = {
-            k: (lambda k, prior: lambda s: relabel_evidence(known, s["label"], s["answers"], prior)[1] >= math.log(k)
-                or refused_by_check(known, 0)(s))(k, prior)
+            k: (
+                lambda k, prior: (
+                    lambda s: relabel_evidence(known, s["label"], s["answers"], prior)[1] >= math.log(k) or refused_by_check(known, 0)(s)
+                )
+            )(k, prior)
             for k in FACTORS
         }
     for n in RECORD_SIZES:

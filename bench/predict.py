@@ -45,8 +45,13 @@ def make_home(arch: str, image_size: int) -> Path:
     home = Path(tempfile.mkdtemp(prefix="warmtune-bench-"))
     model = build_model(arch, len(FASHION_MNIST_CLASSES))
     meta = SnapshotMeta(
-        version=0, parent=None, classes=FASHION_MNIST_CLASSES, arch=arch, image_size=image_size,
-        base_weights="none", update_ids=[],
+        version=0,
+        parent=None,
+        classes=FASHION_MNIST_CLASSES,
+        arch=arch,
+        image_size=image_size,
+        base_weights="none",
+        update_ids=[],
     )
     SnapshotStore(home / "snapshots").publish(model.state_dict(), meta)
     return home
@@ -54,14 +59,20 @@ def make_home(arch: str, image_size: int) -> Path:
 
 def start_server(home: Path, arch: str, image_size: int, device: str, max_batch: int, port: int, threads: int | None) -> subprocess.Popen:
     env = {
-        **os.environ, "WARMTUNE_HOME": str(home), "WARMTUNE_ARCH": arch, "WARMTUNE_IMAGE_SIZE": str(image_size),
-        "WARMTUNE_DEVICE": device, "WARMTUNE_MAX_BATCH_SIZE": str(max_batch),
+        **os.environ,
+        "WARMTUNE_HOME": str(home),
+        "WARMTUNE_ARCH": arch,
+        "WARMTUNE_IMAGE_SIZE": str(image_size),
+        "WARMTUNE_DEVICE": device,
+        "WARMTUNE_MAX_BATCH_SIZE": str(max_batch),
     }
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     proc = subprocess.Popen(
         [sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -79,8 +90,9 @@ def predict_request(port: int, image: bytes) -> bytes:
     """A complete HTTP/1.1 POST /predict with one image as multipart, built once and sent many times."""
     boundary = "warmtunebenchboundary"
     body = (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="images"; filename="x.png"\r\n'
-        f"Content-Type: image/png\r\n\r\n".encode() + image + f"\r\n--{boundary}--\r\n".encode()
+        f'--{boundary}\r\nContent-Disposition: form-data; name="images"; filename="x.png"\r\nContent-Type: image/png\r\n\r\n'.encode()
+        + image
+        + f"\r\n--{boundary}--\r\n".encode()
     )
     head = (
         f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
@@ -202,9 +214,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     def measure_bare(when: str) -> dict[int, dict[str, float]]:
         bare = {b: bare_loop(args.arch, args.image_size, device, images, b, args.seconds) for b in (1, 8, 32)}
-        print(f"bare loop {when}: " + ", ".join(
-            f"batch {b}: {v['images_per_s']:.0f} img/s ({v['images_per_cpu_s']:.0f}/CPU-s)" for b, v in bare.items()
-        ))
+        print(
+            f"bare loop {when}: "
+            + ", ".join(f"batch {b}: {v['images_per_s']:.0f} img/s ({v['images_per_cpu_s']:.0f}/CPU-s)" for b, v in bare.items())
+        )
         return bare
 
     bare_before = measure_bare("before")
@@ -241,8 +254,11 @@ def main(argv: list[str] | None = None) -> dict:
             point["ratio_to_bare_best"] = point["images_per_s"] / best
             point["cpu_ratio_to_bare_best"] = point["images_per_server_cpu_s"] / best_cpu
 
-    print("\nbare loop, better of before/after: " + ", ".join(f"batch {b}: {v['images_per_s']:.0f} img/s" for b, v in bare.items())
-          + f"; best batch {best_batch}, {best / bare[1]['images_per_s']:.1f}x batch 1")
+    print(
+        "\nbare loop, better of before/after: "
+        + ", ".join(f"batch {b}: {v['images_per_s']:.0f} img/s" for b, v in bare.items())
+        + f"; best batch {best_batch}, {best / bare[1]['images_per_s']:.1f}x batch 1"
+    )
     if drift > 1.25:
         print(f"warning: the bare loop's best ran {drift:.2f}x faster one time than the other; the machine's load changed")
     print(f"{'':12} {'concurrency':>11} {'img/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'x bare':>7} {'x bare/CPU-s':>12}")
@@ -257,11 +273,21 @@ def main(argv: list[str] | None = None) -> dict:
     ratio = service["batching on"][top]["ratio_to_bare_best"]
     print(f"at concurrency {top}: service {ratio:.2f}x the bare loop's best (target 0.7x); batching on/off {gain:.2f}x (target 2x)")
     result = {
-        "arch": args.arch, "image_size": args.image_size, "device": str(device), "cpu_count": os.cpu_count(),
-        "max_batch": args.max_batch, "seconds": args.seconds,
-        "threads": torch.get_num_threads(), "load_average": os.getloadavg(),
-        "bare": bare, "bare_before": bare_before, "bare_after": bare_after, "bare_best_batch": best_batch,
-        "service": service, "ratio_to_bare_best": ratio, "batching_gain": gain,
+        "arch": args.arch,
+        "image_size": args.image_size,
+        "device": str(device),
+        "cpu_count": os.cpu_count(),
+        "max_batch": args.max_batch,
+        "seconds": args.seconds,
+        "threads": torch.get_num_threads(),
+        "load_average": os.getloadavg(),
+        "bare": bare,
+        "bare_before": bare_before,
+        "bare_after": bare_after,
+        "bare_best_batch": best_batch,
+        "service": service,
+        "ratio_to_bare_best": ratio,
+        "batching_gain": gain,
     }
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"predict-{args.arch}-{args.image_size}-{device.type}.json"

@@ -52,7 +52,9 @@ class PostedSet:
     served_after_s: float | None = None
 
 
-def plan_stream(train: LabelledImages, seed: int, initial: int, initial_per_class: int, per_new_class: int, set_size: int, poisoned: bool) -> list[PostedSet]:
+def plan_stream(
+    train: LabelledImages, seed: int, initial: int, initial_per_class: int, per_new_class: int, set_size: int, poisoned: bool
+) -> list[PostedSet]:
     """The annotator's sets in posting order; the clean sets are the same with and without poison."""
     rng = random.Random(seed)
     order = rng.sample(train.classes, len(train.classes))
@@ -87,7 +89,9 @@ def free_port() -> int:
 def start_server(env: dict[str, str], log_path: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     with open(log_path, "wb") as log:  # the child keeps its own copy of the descriptor
-        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -152,9 +156,12 @@ def run_stream(sets: list[PostedSet], test: dict[str, list[bytes]], env: dict[st
                 if status["status"] == "applied":
                     wait_served(client, status["model_version"], 60)
                     s.served_after_s = time.monotonic() - s.posted_at
-                print(f"  set {n:2d}/{len(sets)} {s.kind:8} {s.note or ','.join(sorted(set(s.labels)))[:40]:40} -> "
-                      f"{status['status']}{' v' + str(status['model_version']) if status['model_version'] else ''}"
-                      f"  {time.monotonic() - started:6.0f}s", flush=True)
+                print(
+                    f"  set {n:2d}/{len(sets)} {s.kind:8} {s.note or ','.join(sorted(set(s.labels)))[:40]:40} -> "
+                    f"{status['status']}{' v' + str(status['model_version']) if status['model_version'] else ''}"
+                    f"  {time.monotonic() - started:6.0f}s",
+                    flush=True,
+                )
             # Reconsidered sets may still be queued: wait until nothing is left to do.
             final = {s.update_id: wait_settled(client, s.update_id, step_timeout * 3) for s in sets}
             accuracy = predict_accuracy(client, test)
@@ -223,8 +230,10 @@ def summarize(sets: list[PostedSet], outcome: dict) -> dict:
 def print_run(name: str, r: dict) -> None:
     print(f"\n{name}: final accuracy {r['final_accuracy']:.3f} over {len(r['per_class'])} classes, version {r['version']}")
     print("  per class: " + ", ".join(f"{c} {a:.2f}" for c, a in r["per_class"].items()))
-    print(f"  sets {r['sets']}: applied {r['applied']}, rejected {r['rejected']}, retried {r['retried']}; "
-          f"clean sets rejected: {r['clean_sets_rejected'] or 'none'}")
+    print(
+        f"  sets {r['sets']}: applied {r['applied']}, rejected {r['rejected']}, retried {r['retried']}; "
+        f"clean sets rejected: {r['clean_sets_rejected'] or 'none'}"
+    )
     if r["poisoned_sets"]:
         print(f"  gate on {r['poisoned_sets']} poisoned sets: precision {r['gate_precision']}, recall {r['gate_recall']}")
     p50, p95 = r["label_to_serve_p50_s"], r["label_to_serve_p95_s"]
@@ -257,13 +266,27 @@ def main(argv: list[str] | None = None) -> dict:
     device = select_device(extra.get("device", "auto"))
     base_env = {"WARMTUNE_ARCH": args.arch, "WARMTUNE_IMAGE_SIZE": str(args.image_size), "WARMTUNE_LOG_EVERY": "1000000"}
     base_env |= {f"WARMTUNE_{k.upper()}": v for k, v in extra.items()}
-    report: dict = {"arch": args.arch, "image_size": args.image_size, "device": str(device), "seed": args.seed, "settings": extra,
-                    "cpu_threads": os.cpu_count(), "runs": {}}
+    report: dict = {
+        "arch": args.arch,
+        "image_size": args.image_size,
+        "device": str(device),
+        "seed": args.seed,
+        "settings": extra,
+        "cpu_threads": os.cpu_count(),
+        "runs": {},
+    }
     print(f"stream benchmark: {args.arch} at {args.image_size} px on {device}; settings {extra or 'default'}")
     with tempfile.TemporaryDirectory(prefix="warmtune-stream-") as scratch:
         for name in args.runs.split(","):
-            sets = plan_stream(train, args.seed, args.initial_classes, args.initial_per_class, args.per_new_class,
-                               args.set_size, poisoned=name == "poisoned")
+            sets = plan_stream(
+                train,
+                args.seed,
+                args.initial_classes,
+                args.initial_per_class,
+                args.per_new_class,
+                args.set_size,
+                poisoned=name == "poisoned",
+            )
             print(f"\n{name} run: {len(sets)} sets", flush=True)
             home = Path(scratch) / name
             outcome = run_stream(sets, test, {**os.environ, **base_env, "WARMTUNE_HOME": str(home)}, home, args.step_timeout)
@@ -276,8 +299,10 @@ def main(argv: list[str] | None = None) -> dict:
             settings = Settings(**values, home=Path(scratch) / "joint")
             per_class = joint_bound(sets, test, settings)
             report["joint"] = {"final_accuracy": statistics.fmean(per_class.values()), "per_class": per_class}
-            print(f"\njoint training (upper bound): {report['joint']['final_accuracy']:.3f}; "
-                  + ", ".join(f"{c} {a:.2f}" for c, a in per_class.items()))
+            print(
+                f"\njoint training (upper bound): {report['joint']['final_accuracy']:.3f}; "
+                + ", ".join(f"{c} {a:.2f}" for c, a in per_class.items())
+            )
             for name, run in report["runs"].items():
                 print(f"  {name} run vs bound: {run['final_accuracy'] - report['joint']['final_accuracy']:+.3f}")
     path = write_report(report, args.out)

@@ -60,7 +60,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     device = select_device(args.device)
     home = Path(tempfile.mkdtemp(prefix="warmtune-bench-"))
     settings = Settings(
-        home=home, arch=args.arch, image_size=args.image_size, device=str(device), seed=0,
+        home=home,
+        arch=args.arch,
+        image_size=args.image_size,
+        device=str(device),
+        seed=0,
         gate_max_old_drop=1.0,  # every step publishes: the timed path includes the snapshot write
     )
     stores = Stores(settings)

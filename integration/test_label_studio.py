@@ -52,9 +52,22 @@ def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Cli
     data, port, token = tmp_path_factory.mktemp("label-studio"), free_port(), secrets.token_hex(20)
     env = {**os.environ, "USE_DEFAULT_BANNED_SUBNETS": "false"}  # its ML backend (warmtune) is on loopback
     args = [
-        executable, "start", "--no-browser", "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(data),
-        "--username", EMAIL, "--password", PASSWORD,
-        "--user-token", token, "--enable-legacy-api-token",
+        executable,
+        "start",
+        "--no-browser",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--data-dir",
+        str(data),
+        "--username",
+        EMAIL,
+        "--password",
+        PASSWORD,
+        "--user-token",
+        token,
+        "--enable-legacy-api-token",
     ]
     log = open(data / "label-studio.log", "wb")
     proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -118,9 +131,7 @@ def annotate(ls: httpx.Client, task: int, label: str) -> int:
 def updates_by_status(server: Server) -> dict[str, float]:
     with server.client(headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as c:
         text = c.get("/metrics").text
-    return {
-        line.split('"')[1]: float(line.split()[-1]) for line in text.splitlines() if line.startswith("warmtune_updates{")
-    }
+    return {line.split('"')[1]: float(line.split()[-1]) for line in text.splitlines() if line.startswith("warmtune_updates{")}
 
 
 def served_version(server: Server) -> int | None:
@@ -139,10 +150,17 @@ def test_labelling_in_label_studio_trains_warmtune_and_warmtune_pre_annotates(la
 
     # Connect warmtune: Label Studio checks /labelstudio/health and calls /labelstudio/setup with
     # basic auth (the key as password), and registers /labelstudio/webhook, which gets a bearer header.
-    r = ls.post("/api/ml", json={
-        "url": f"{warmtune.url}/labelstudio", "project": project, "title": "warmtune",
-        "auth_method": "BASIC_AUTH", "basic_auth_user": "label-studio", "basic_auth_pass": LS_KEY,
-    })
+    r = ls.post(
+        "/api/ml",
+        json={
+            "url": f"{warmtune.url}/labelstudio",
+            "project": project,
+            "title": "warmtune",
+            "auth_method": "BASIC_AUTH",
+            "basic_auth_user": "label-studio",
+            "basic_auth_pass": LS_KEY,
+        },
+    )
     assert r.status_code == 201, r.text
     backend = r.json()
     assert backend["state"] == "CO", backend  # connected: setup accepted the labelling config
@@ -157,9 +175,10 @@ def test_labelling_in_label_studio_trains_warmtune_and_warmtune_pre_annotates(la
     assert updates_by_status(warmtune)["applied"] == len(annotations)
 
     # An edited label supersedes the old one (withdrawn, the new one queued); a deleted annotation is withdrawn.
-    r = ls.patch(f"/api/annotations/{annotations[0]}", json={"result": [
-        {"from_name": "choice", "to_name": "image", "type": "choices", "value": {"choices": ["Bag"]}}
-    ]})
+    r = ls.patch(
+        f"/api/annotations/{annotations[0]}",
+        json={"result": [{"from_name": "choice", "to_name": "image", "type": "choices", "value": {"choices": ["Bag"]}}]},
+    )
     assert r.status_code == 200, r.text
     assert ls.delete(f"/api/annotations/{annotations[-1]}").status_code == 204
     counts = wait("edit and delete seen", lambda: (c := updates_by_status(warmtune))["withdrawn"] == 2 and c, timeout=60)
@@ -179,7 +198,8 @@ def test_labelling_in_label_studio_trains_warmtune_and_warmtune_pre_annotates(la
     test_labels = [c for c in CLASSES[:2] for _ in range(4)]
     new_tasks = import_tasks(ls, project, [img for c in CLASSES[:2] for img in fashion_mnist("test").take(c, 4, rng)])
     r = ls.post(
-        "/api/dm/actions", params={"id": "retrieve_tasks_predictions", "project": project},
+        "/api/dm/actions",
+        params={"id": "retrieve_tasks_predictions", "project": project},
         json={"selectedItems": {"all": False, "included": new_tasks}},
     )
     assert r.status_code == 200, r.text
@@ -193,4 +213,6 @@ def test_labelling_in_label_studio_trains_warmtune_and_warmtune_pre_annotates(la
     if os.environ.get("WARMTUNE_SCREENSHOT"):  # for the README: a task as an annotator opens it
         shot = [Path(os.environ["WARMTUNE_TEST_LABELSTUDIO"]).with_name("python"), Path(__file__).with_name("screenshot.py")]
         page = f"/projects/{project}/data?task={new_tasks[-1]}"
-        subprocess.run([*shot, str(ls.base_url).rstrip("/"), EMAIL, PASSWORD, page, os.environ["WARMTUNE_SCREENSHOT"]], check=True, timeout=120)
+        subprocess.run(
+            [*shot, str(ls.base_url).rstrip("/"), EMAIL, PASSWORD, page, os.environ["WARMTUNE_SCREENSHOT"]], check=True, timeout=120
+        )

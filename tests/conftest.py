@@ -13,8 +13,13 @@ from app.settings import Settings  # noqa: E402
 # A small, fast configuration: ResNet-18 at 32 pixels learns the generated colour classes
 # in a handful of iterations on a CPU.
 FAST = {
-    "arch": "resnet18", "image_size": 32, "seed": 0, "device": "cpu", "batch_size": 32,
-    "bootstrap_max_epochs": 20, "bootstrap_patience": 10,
+    "arch": "resnet18",
+    "image_size": 32,
+    "seed": 0,
+    "device": "cpu",
+    "batch_size": 32,
+    "bootstrap_max_epochs": 20,
+    "bootstrap_patience": 10,
 }
 
 

@@ -45,9 +45,7 @@ def samples_stored(tmp_path: Path) -> int:
 @pytest.fixture
 def open_server(tmp_path: Path) -> Iterator[Server]:
     """No keys (loopback only), and a small per-request pixel budget."""
-    env = fast_env(
-        tmp_path / "home", WARMTUNE_MAX_REQUEST_PIXELS="5000", WARMTUNE_BODY_TIMEOUT_S="1", WARMTUNE_MAX_CONNECTIONS="8"
-    )
+    env = fast_env(tmp_path / "home", WARMTUNE_MAX_REQUEST_PIXELS="5000", WARMTUNE_BODY_TIMEOUT_S="1", WARMTUNE_MAX_CONNECTIONS="8")
     s = start_server(env, tmp_path / "server.log")
     yield s
     s.kill()

@@ -32,8 +32,13 @@ def test_the_readme_documents_every_setting_with_its_default():
 
 
 def test_ingest_and_update_learn_fashion_mnist(tmp_path):
-    env = {"WARMTUNE_HOME": str(tmp_path), "WARMTUNE_ARCH": "resnet18", "WARMTUNE_IMAGE_SIZE": "32", "WARMTUNE_SEED": "0",
-           "WARMTUNE_BATCH_SIZE": "32"}
+    env = {
+        "WARMTUNE_HOME": str(tmp_path),
+        "WARMTUNE_ARCH": "resnet18",
+        "WARMTUNE_IMAGE_SIZE": "32",
+        "WARMTUNE_SEED": "0",
+        "WARMTUNE_BATCH_SIZE": "32",
+    }
     warmtune("ingest", "--classes", "Trouser,Bag", "--per-class", "50", "--seed", "1", env=env)
     [first] = warmtune("update", env=env).splitlines()
     assert "version 1" in first and "2 classes" in first

@@ -62,8 +62,11 @@ class Deployment:
         self.tmp_path = tmp_path
         self.home = tmp_path / "home"
         self.env = fast_env(
-            self.home, WARMTUNE_REDIS_URL=redis_url, WARMTUNE_QUEUE_NAME=f"test-{uuid.uuid4().hex[:8]}",
-            WARMTUNE_LOCK_LEASE_S="3", **env,
+            self.home,
+            WARMTUNE_REDIS_URL=redis_url,
+            WARMTUNE_QUEUE_NAME=f"test-{uuid.uuid4().hex[:8]}",
+            WARMTUNE_LOCK_LEASE_S="3",
+            **env,
         )
         self.processes: list[Process] = []
 
@@ -269,9 +272,24 @@ def test_compose_file_is_valid(tmp_path: Path):
     result = subprocess.run(["docker-compose", "-f", str(compose), "config"], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
     config = result.stdout
-    for needed in ("redis:", "api:", "worker:", "WARMTUNE_REDIS_URL", "WARMTUNE_HOME", "healthcheck", "driver: nvidia",
-                   "prometheus:", "grafana:", "--requirepass", "redis://:a-password@redis:6379/0"):
+    for needed in (
+        "redis:",
+        "api:",
+        "worker:",
+        "WARMTUNE_REDIS_URL",
+        "WARMTUNE_HOME",
+        "healthcheck",
+        "driver: nvidia",
+        "prometheus:",
+        "grafana:",
+        "--requirepass",
+        "redis://:a-password@redis:6379/0",
+    ):
         assert needed in config, needed
-    unset = subprocess.run(["docker-compose", "-f", str(compose), "config"], capture_output=True, text=True,
-                           env={k: v for k, v in env.items() if k != "REDIS_PASSWORD"})
+    unset = subprocess.run(
+        ["docker-compose", "-f", str(compose), "config"],
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in env.items() if k != "REDIS_PASSWORD"},
+    )
     assert unset.returncode != 0 and "REDIS_PASSWORD" in unset.stderr

@@ -13,8 +13,17 @@ from app.datasets import image_folder
 from worker.experiment import STUDIES, Protocol, Row, corrupt, largest_served_drop, run_experiment
 
 TINY = Protocol(
-    arch="resnet18", image_size=16, repeats=2, initial_classes=2, new_classes=2, initial_per_class=6,
-    initial_epochs=2, set_size=4, sets_per_class=2, eval_per_class=3, device="cpu",
+    arch="resnet18",
+    image_size=16,
+    repeats=2,
+    initial_classes=2,
+    new_classes=2,
+    initial_per_class=6,
+    initial_epochs=2,
+    set_size=4,
+    sets_per_class=2,
+    eval_per_class=3,
+    device="cpu",
 )
 
 

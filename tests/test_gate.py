@@ -110,8 +110,10 @@ def test_a_long_record_tells_look_alikes_apart_where_a_small_holdout_cannot():
     # not enough evidence; with 50 answers of each from the record it is.
     def known(n: int) -> Answers:
         return outcomes(
-            ("Shirt", "Shirt", round(0.6 * n)), ("Shirt", "T-shirt/top", n - round(0.6 * n)),
-            ("T-shirt/top", "Shirt", round(0.3 * n)), ("T-shirt/top", "T-shirt/top", n - round(0.3 * n)),
+            ("Shirt", "Shirt", round(0.6 * n)),
+            ("Shirt", "T-shirt/top", n - round(0.6 * n)),
+            ("T-shirt/top", "Shirt", round(0.3 * n)),
+            ("T-shirt/top", "T-shirt/top", n - round(0.3 * n)),
         )
 
     slip = outcomes(("T-shirt/top", "Shirt", 8), ("T-shirt/top", "T-shirt/top", 2))

@@ -129,14 +129,18 @@ def test_label_studio_connects_with_basic_auth_and_is_told_what_it_sent_wrong(se
         assert c.get("/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
 
         # before the first version, pre-annotation requests get no results, not an error
-        r = c.post("/labelstudio/predict", json={"tasks": [{"id": 1, "data": {"picture": "/x.png"}}], "label_config": CONFIG},
-                   auth=("label-studio", KEY))
+        r = c.post(
+            "/labelstudio/predict",
+            json={"tasks": [{"id": 1, "data": {"picture": "/x.png"}}], "label_config": CONFIG},
+            auth=("label-studio", KEY),
+        )
         assert r.status_code == 200 and r.json() == {"results": []}
 
 
 def test_annotations_become_update_sets_and_an_edit_supersedes_the_old_label(server: Server, studio: FakeLabelStudio):
     headers = {"Authorization": f"Bearer {KEY}"}
     with server.client(headers=headers) as c:
+
         def send(body: dict) -> dict:
             r = c.post("/labelstudio/webhook", json=body)
             assert r.status_code == 200, r.text
@@ -179,7 +183,9 @@ def test_annotations_become_update_sets_and_an_edit_supersedes_the_old_label(ser
         assert r.status_code == 422 and "fetches images from there only" in r.json()["detail"]
         r = c.post("/labelstudio/webhook", json={"action": "ANNOTATION_CREATED", "annotation": {"id": "x"}})
         assert r.status_code == 422
-        string_value = annotation(14, 2, "red", "2026-01-01T12:00:00Z") | {"result": [{"type": "choices", "from_name": "kind", "value": "red"}]}
+        string_value = annotation(14, 2, "red", "2026-01-01T12:00:00Z") | {
+            "result": [{"type": "choices", "from_name": "kind", "value": "red"}]
+        }
         r = c.post("/labelstudio/webhook", json=event("ANNOTATION_CREATED", string_value, t2))
         assert r.status_code == 422 and "value.choices" in r.json()["detail"]
         broken_url = {"id": 2, "data": {"picture": "http://[::1/x"}}
@@ -241,14 +247,21 @@ def test_an_annotation_is_stored_after_label_studio_stops_waiting_for_the_webhoo
 
 def test_the_label_config_names_the_image_and_its_single_choice_classes():
     config = parse_label_config(CONFIG)
-    assert (config.image_name, config.image_key, config.choices_name, config.classes) == ("img", "picture", "kind", ("red", "green", "blue"))
+    assert (config.image_name, config.image_key, config.choices_name, config.classes) == (
+        "img",
+        "picture",
+        "kind",
+        ("red", "green", "blue"),
+    )
     with pytest.raises(InvalidLabelConfig, match="several choices"):
         parse_label_config(CONFIG.replace('toName="img"', 'toName="img" choice="multiple"'))
     with pytest.raises(InvalidLabelConfig, match="not XML"):
         parse_label_config("<View><Image")
     with pytest.raises(InvalidLabelConfig, match="2 <Choices>"):
         parse_label_config(CONFIG.replace("</View>", '<Choices name="other" toName="img"><Choice value="x"/></Choices></View>'))
-    radio = parse_label_config(CONFIG.replace('toName="img"', 'toName="img" choice="single-radio"').replace('value="red"', 'value="Red" alias="red"'))
+    radio = parse_label_config(
+        CONFIG.replace('toName="img"', 'toName="img" choice="single-radio"').replace('value="red"', 'value="Red" alias="red"')
+    )
     assert radio.classes == ("red", "green", "blue")  # results carry a choice's alias
     ok = Annotation(id=1, result=[{"type": "choices", "from_name": "kind", "value": {"choices": ["red"]}}])
     assert annotation_label(ok, config) == "red"

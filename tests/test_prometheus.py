@@ -18,6 +18,7 @@ RULES = DEPLOY / "prometheus" / "rules.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "warmtune.json"
 KEY = "prometheus-test-key"
 
+
 def promtool(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["promtool", *args], capture_output=True, text=True, timeout=60)
 
@@ -49,19 +50,26 @@ def start_prometheus(tmp_path: Path, target: str) -> tuple[subprocess.Popen, str
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(RULES)],
-        "scrape_configs": [{
-            "job_name": "warmtune",
-            "authorization": {"credentials_file": str(tmp_path / "token")},
-            "static_configs": [{"targets": [target]}],
-        }],
+        "scrape_configs": [
+            {
+                "job_name": "warmtune",
+                "authorization": {"credentials_file": str(tmp_path / "token")},
+                "static_configs": [{"targets": [target]}],
+            }
+        ],
     }
     (tmp_path / "prometheus.yml").write_text(json.dumps(config))  # JSON is YAML
     assert promtool("check", "config", str(tmp_path / "prometheus.yml")).returncode == 0
     port = free_port()
     proc = subprocess.Popen(
-        ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=open(tmp_path / "prometheus.log", "wb"), stderr=subprocess.STDOUT,
+        [
+            "prometheus",
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=open(tmp_path / "prometheus.log", "wb"),
+        stderr=subprocess.STDOUT,
     )
     return proc, f"http://127.0.0.1:{port}"
 

@@ -75,15 +75,23 @@ def test_first_update_new_class_and_promote_back(server: Server):
 
         metrics = c.get("/metrics").text
         for name in [
-            "warmtune_model_version 1.0", "warmtune_model_classes 2.0", "warmtune_swaps_total 3.0",
-            "warmtune_swap_seconds_count", 'warmtune_predict_requests_total{status="200",version="2"}',
-            'warmtune_predict_requests_total{status="503",version="none"} 1.0', "warmtune_predict_latency_seconds_count",
-            "warmtune_predict_batch_size_count", 'warmtune_updates{status="applied"} 1.0',
+            "warmtune_model_version 1.0",
+            "warmtune_model_classes 2.0",
+            "warmtune_swaps_total 3.0",
+            "warmtune_swap_seconds_count",
+            'warmtune_predict_requests_total{status="200",version="2"}',
+            'warmtune_predict_requests_total{status="503",version="none"} 1.0',
+            "warmtune_predict_latency_seconds_count",
+            "warmtune_predict_batch_size_count",
+            'warmtune_updates{status="applied"} 1.0',
             'warmtune_updates{status="orphaned"} 1.0',  # blue: applied only in version 2, which the promote left
-            "warmtune_update_duration_seconds_count 2.0", "warmtune_update_queue_depth 0.0",
-            'warmtune_holdout_accuracy{scope="all"}', 'warmtune_last_step{status="applied"} 1.0',
+            "warmtune_update_duration_seconds_count 2.0",
+            "warmtune_update_queue_depth 0.0",
+            'warmtune_holdout_accuracy{scope="all"}',
+            'warmtune_last_step{status="applied"} 1.0',
             # the old names, kept for one release
-            'warmtune_updates_total{status="applied"} 1.0', 'warmtune_last_job{status="applied"} 1.0',
+            'warmtune_updates_total{status="applied"} 1.0',
+            'warmtune_last_job{status="applied"} 1.0',
             "warmtune_last_job_timestamp_seconds",
         ]:
             assert name in metrics, name

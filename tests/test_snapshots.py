@@ -9,8 +9,13 @@ from app.snapshots import AttemptRecord, SnapshotMeta, SnapshotStore
 
 def meta(parent, classes=("a", "b"), update_ids=("u1",)) -> SnapshotMeta:
     return SnapshotMeta(
-        version=0, parent=parent, classes=list(classes), arch="resnet18", image_size=32,
-        base_weights="none", update_ids=list(update_ids),
+        version=0,
+        parent=parent,
+        classes=list(classes),
+        arch="resnet18",
+        image_size=32,
+        base_weights="none",
+        update_ids=list(update_ids),
     )
 
 

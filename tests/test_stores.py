@@ -48,8 +48,9 @@ def test_a_withdrawn_set_stays_out_of_the_replay_memory_until_restored_even_if_a
     assert [u.update_id for u in stores.pending()] == [keep]
 
     # a step that read both sets before the withdrawal publishes them: the withdrawal holds
-    meta = SnapshotMeta(version=0, parent=None, classes=["red"], arch="resnet18", image_size=32, base_weights="none",
-                        update_ids=[keep, take_back])
+    meta = SnapshotMeta(
+        version=0, parent=None, classes=["red"], arch="resnet18", image_size=32, base_weights="none", update_ids=[keep, take_back]
+    )
     version = stores.snapshots.publish({"w": torch.zeros(1)}, meta)
     status = stores.status(take_back)
     assert status.status == "withdrawn" and "now says 'blue'" in status.error
@@ -59,7 +60,9 @@ def test_a_withdrawn_set_stays_out_of_the_replay_memory_until_restored_even_if_a
     with pytest.raises(NotRetryable, match="is withdrawn"):
         stores.requeue(take_back, "retried on request")
     # a retry that checked the status just before the withdrawal does not undo it
-    stores.snapshots.record_attempt(AttemptRecord(outcome_id="r1", status="requeued", parent=version, update_ids=[take_back], reason="retry"))
+    stores.snapshots.record_attempt(
+        AttemptRecord(outcome_id="r1", status="requeued", parent=version, update_ids=[take_back], reason="retry")
+    )
     assert stores.status(take_back).status == "withdrawn"
 
     assert stores.restore(take_back, "the label is 'red' again")

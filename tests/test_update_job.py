@@ -79,9 +79,7 @@ def test_without_the_label_check_the_candidate_that_forgets_old_classes_is_refus
     # no replay of the true green images: the poison does its damage for certain. The paper's step
     # only: trained on the whole memory, 54 true green images outweigh the 54 poisoned ones enough
     # for the candidate to keep the old holdout (1.000 -> 0.944 seen), and that candidate passes.
-    settings = make_settings(
-        gate_label_alpha=0.0, gate_relabel_factor=0.0, replay_lambda=0.0, iterations="50", consolidate_growth=0
-    )
+    settings = make_settings(gate_label_alpha=0.0, gate_relabel_factor=0.0, replay_lambda=0.0, iterations="50", consolidate_growth=0)
     stores = Stores(settings)
     add(stores, *make_set({"red": 60, "green": 60, "blue": 60}, seed=1))  # a holdout of 18
     apply_pending_updates(settings)
@@ -216,8 +214,16 @@ def test_the_label_check_reads_the_newest_answers_of_the_lineage_up_to_the_cap()
     from worker.jobs import RECORD, known_answers
 
     def meta(version: int, record: dict) -> SnapshotMeta:
-        return SnapshotMeta(version=version, parent=version - 1 or None, classes=["a", "b"], arch="resnet18",
-                            image_size=32, base_weights="none", update_ids=[], metrics={RECORD: record})
+        return SnapshotMeta(
+            version=version,
+            parent=version - 1 or None,
+            classes=["a", "b"],
+            arch="resnet18",
+            image_size=32,
+            base_weights="none",
+            update_ids=[],
+            metrics={RECORD: record},
+        )
 
     newest_first = [meta(3, {"a": {"a": 4, "b": 1}}), meta(2, {"a": {"b": 5}, "b": {"b": 5}}), meta(1, {"b": {"a": 9}})]
     read = []

@@ -219,18 +219,25 @@ def run_setting(
         accuracy, initial_accuracy = scores.score() or 0.0, scores.score(stream.initial) or 0.0
         rows.append(
             Row(
-                "", setting.name, repeat, step, label, len(known), accuracy, initial_accuracy, stores.snapshots.current(),
+                "",
+                setting.name,
+                repeat,
+                step,
+                label,
+                len(known),
+                accuracy,
+                initial_accuracy,
+                stores.snapshots.current(),
                 result.status,
-                result.metrics.get("iterations", 0), result.metrics.get("train_seconds", 0.0),
+                result.metrics.get("iterations", 0),
+                result.metrics.get("train_seconds", 0.0),
             )
         )
         bar.update(1)
     return rows
 
 
-def run_experiment(
-    train: LabelledImages, test: LabelledImages, protocol: Protocol, studies: list[str], out: Path
-) -> list[Row]:
+def run_experiment(train: LabelledImages, test: LabelledImages, protocol: Protocol, studies: list[str], out: Path) -> list[Row]:
     """Run every setting of the studies for every repetition, write CSV, plots and table to out."""
     for logger in ("worker", "app", "matplotlib"):  # the progress bar and the per-run lines say enough
         logging.getLogger(logger).setLevel(logging.ERROR)
@@ -241,15 +248,17 @@ def run_experiment(
     steps = protocol.new_classes * protocol.sets_per_class
     started = time.time()
     by_key: dict[tuple, list[Row]] = defaultdict(list)
-    with tempfile.TemporaryDirectory(prefix="warmtune-experiment-") as scratch, tqdm(
-        total=protocol.repeats * len(runs) * steps, unit="step"
-    ) as bar:
+    with (
+        tempfile.TemporaryDirectory(prefix="warmtune-experiment-") as scratch,
+        tqdm(total=protocol.repeats * len(runs) * steps, unit="step") as bar,
+    ):
         for repeat in range(protocol.repeats):
             stream = make_stream(train, test, protocol, repeat)
             initial_home = Path(scratch) / f"initial-{repeat}"
             start_accuracy = initial_version(stream, protocol, repeat, initial_home)
-            bar.write(f"repeat {repeat}: initial {', '.join(stream.initial)} -> test accuracy {start_accuracy:.3f}; "
-                      f"new {', '.join(stream.new)}")
+            bar.write(
+                f"repeat {repeat}: initial {', '.join(stream.initial)} -> test accuracy {start_accuracy:.3f}; new {', '.join(stream.new)}"
+            )
             for key, setting in runs.items():
                 home = Path(scratch) / "run"
                 shutil.copytree(initial_home, home)
@@ -350,7 +359,9 @@ def results_table(rows: list[Row], studies: list[str], protocol: Protocol, secon
     for study in studies:
         lines += ["", f"## {study}", ""]
         gate = study == "gate"
-        header = "| setting | final accuracy | mean accuracy |" + (" largest drop between served versions | rejected updates |" if gate else "")
+        header = "| setting | final accuracy | mean accuracy |" + (
+            " largest drop between served versions | rejected updates |" if gate else ""
+        )
         lines += [header, "|" + " --- |" * (5 if gate else 3)]
         for setting in STUDIES[study]:
             runs = [[r for r in rows if r.study == study and r.setting == setting.name and r.repeat == k] for k in range(protocol.repeats)]

@@ -100,9 +100,7 @@ def log_predictive(answers: Counter[str], seen: Counter[str], categories: int, p
     return log_p
 
 
-def relabel_evidence(
-    known: Answers, label: str, answers: Sequence[str], prior: float = 0.5, min_known: int = 0
-) -> tuple[str, float]:
+def relabel_evidence(known: Answers, label: str, answers: Sequence[str], prior: float = 0.5, min_known: int = 0) -> tuple[str, float]:
     """The known class whose recorded answers explain a set labelled `label` best, and the log
     Bayes factor of that class against `label` (how much likelier the set's answers are if its
     images were of that class than if they were of `label`).

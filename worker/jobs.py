@@ -100,7 +100,13 @@ def step_due(settings: Settings, pending: list[UpdateSet], now: float) -> bool:
     samples, waited = sum(len(u) for u in pending), now - pending[0].received_at
     if samples >= settings.trigger_samples or waited >= settings.trigger_wait_s:
         return True
-    log.debug("batched trigger: %d of %d samples pending, oldest waited %.0f of %.0f s", samples, settings.trigger_samples, waited, settings.trigger_wait_s)
+    log.debug(
+        "batched trigger: %d of %d samples pending, oldest waited %.0f of %.0f s",
+        samples,
+        settings.trigger_samples,
+        waited,
+        settings.trigger_wait_s,
+    )
     return False
 
 
@@ -189,8 +195,13 @@ def relabel_factor(settings: Settings, attempts: list[Attempt]) -> float:
 
 
 def screen_labels(
-    model: nn.Module, known: Answers, sets: list[SetTensors], classes: list[str], factors: dict[str, float],
-    settings: Settings, device: torch.device,
+    model: nn.Module,
+    known: Answers,
+    sets: list[SetTensors],
+    classes: list[str],
+    factors: dict[str, float],
+    settings: Settings,
+    device: torch.device,
 ) -> tuple[list[SetTensors], list[tuple[SetTensors, Verdict]], dict[str, dict[str, int]]]:
     """Split the sets into those whose labels the current version can accept and those it refuses
     (gate check 1), each set with its relabel threshold from factors; with the version's answers
@@ -371,7 +382,11 @@ def train_and_judge(settings: Settings, stores: Stores, step: Step) -> Candidate
     # The short fine-tune cannot teach a weak network a look-alike class: it forgets old classes,
     # or does not fit the new class's own images. Training on the whole memory can; gate 2 judges
     # that candidate like any other.
-    why = short.verdict.reason if short.verdict.check == "old knowledge" else f"it calls {learned:.0%} of the new classes' images by their label"
+    why = (
+        short.verdict.reason
+        if short.verdict.check == "old knowledge"
+        else f"it calls {learned:.0%} of the new classes' images by their label"
+    )
     log.info("the short fine-tune falls short (%s); training on the whole memory instead", why)
     step.model.load_state_dict(start)
     candidate = train_and_check(settings, step, consolidate=True)
@@ -413,8 +428,13 @@ def step_metrics(settings: Settings, step: Step, candidate: Candidate, holdout_b
 
 
 def refuse_contradicting_sets(
-    settings: Settings, stores: Stores, model: nn.Module, parent: SnapshotMeta, before: Answers,
-    sets: list[SetTensors], device: torch.device,
+    settings: Settings,
+    stores: Stores,
+    model: nn.Module,
+    parent: SnapshotMeta,
+    before: Answers,
+    sets: list[SetTensors],
+    device: torch.device,
 ) -> tuple[list[SetTensors], list[Attempt], dict[str, dict[str, int]]]:
     """Gate check 1 against what the current version answers for each known class: the sets it
     accepts, the refusals recorded, and its answers on the accepted sets (the record)."""
@@ -486,12 +506,19 @@ def publish(
         log.info("retention pruned the weights of version(s) %s (their metadata stays)", pruned)
     log.info(
         "published version %d (%d classes): holdout %s; %d iterations in %.1fs; written in %.2fs",
-        version, len(classes), metrics["holdout_after"], metrics["iterations"], metrics["train_seconds"], metrics["publish_seconds"],
+        version,
+        len(classes),
+        metrics["holdout_after"],
+        metrics["iterations"],
+        metrics["train_seconds"],
+        metrics["publish_seconds"],
     )
     return Attempt("applied", meta.created_at, version, None, metrics, meta.update_ids)
 
 
-def new_classes_learned(model: nn.Module, new_train: SampleTensors, new_classes: list[str], classes: list[str], device: torch.device) -> float:
+def new_classes_learned(
+    model: nn.Module, new_train: SampleTensors, new_classes: list[str], classes: list[str], device: torch.device
+) -> float:
     """Share of the new classes' training samples the candidate calls by their label (1.0 without new classes)."""
     mine = [s for s in new_train.samples if s.label in new_classes]
     if not mine:

@@ -41,7 +41,10 @@ def run_update_job() -> list[dict[str, Any]]:
             announce_swap(connection, settings, result.model_version)
 
     results = apply_pending_updates(settings, on_step=announce, stores=worker_stores(settings))
-    return [{"status": r.status, "update_ids": r.update_ids, "version": r.model_version if r.status == "applied" else None, "reason": r.reason} for r in results]
+    return [
+        {"status": r.status, "update_ids": r.update_ids, "version": r.model_version if r.status == "applied" else None, "reason": r.reason}
+        for r in results
+    ]
 
 
 def run_rq_worker(settings: Settings) -> None:

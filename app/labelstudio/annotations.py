@@ -103,8 +103,9 @@ class AnnotationIndex:
     def keep_failed(self, project: int, task: Task, annotation: Annotation, label_config: str) -> None:
         path = self.failed_path(project, annotation.id)
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, {"task": task.model_dump(mode="json"), "annotation": annotation.model_dump(mode="json"),
-                                 "label_config": label_config})
+        atomic_write_json(
+            path, {"task": task.model_dump(mode="json"), "annotation": annotation.model_dump(mode="json"), "label_config": label_config}
+        )
 
     def failed(self) -> Iterator[tuple[int, Path]]:
         for path in sorted(self.root.glob("project-*/failed/annotation-*.json")):
@@ -189,8 +190,14 @@ def delete_annotations(
 
 
 async def apply_annotation(
-    stores: Stores, index: AnnotationIndex, client: LabelStudioClient, project: int, task: Task, annotation: Annotation,
-    config: LabelConfig, label_config: str,
+    stores: Stores,
+    index: AnnotationIndex,
+    client: LabelStudioClient,
+    project: int,
+    task: Task,
+    annotation: Annotation,
+    config: LabelConfig,
+    label_config: str,
 ) -> Change:
     """Make what stands for an annotation what its revision says. If Label Studio cannot give its
     image, the annotation is kept to be tried again (retry_failed) and the error raised."""
@@ -208,7 +215,11 @@ async def apply_annotation(
 
 
 async def apply_annotations(
-    stores: Stores, index: AnnotationIndex, client: LabelStudioClient, project: int, pairs: list[tuple[Annotation, Task]],
+    stores: Stores,
+    index: AnnotationIndex,
+    client: LabelStudioClient,
+    project: int,
+    pairs: list[tuple[Annotation, Task]],
     label_config: str,
 ) -> tuple[Counter[str], list[WarmtuneError]]:
     """Each annotation of an event: what changed, and the annotations refused (the others go on)."""

@@ -92,13 +92,16 @@ class LabelStudioClient:
         what = f"the annotations of project {project}"
         async with self.session() as session:
             with self._errors(what):
-                response = await session.get(urljoin(self.base_url, f"api/projects/{project}/export"),
-                                             params={"exportType": "JSON", "download_all_tasks": "false"})
+                response = await session.get(
+                    urljoin(self.base_url, f"api/projects/{project}/export"), params={"exportType": "JSON", "download_all_tasks": "false"}
+                )
                 self._check(response, what)
         try:
             return TASKS.validate_json(response.content)
         except ValidationError as exc:
-            raise LabelStudioUnavailable(f"Label Studio's export of project {project} is not a list of tasks: {exc.errors()[0]['msg']}") from None
+            raise LabelStudioUnavailable(
+                f"Label Studio's export of project {project} is not a list of tasks: {exc.errors()[0]['msg']}"
+            ) from None
 
     @contextmanager
     def _errors(self, what: str) -> Iterator[None]:

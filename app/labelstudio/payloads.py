@@ -94,8 +94,7 @@ def parse_label_config(xml: str) -> LabelConfig:
     found = [c for c in root.iter("Choices") if c.get("name") and images.get(c.get("toName", ""), "").startswith("$")]
     if not found:
         raise InvalidLabelConfig(
-            "warmtune classifies images: the label config needs a <Choices name=...> whose toName is an "
-            '<Image name=... value="$field"/>'
+            'warmtune classifies images: the label config needs a <Choices name=...> whose toName is an <Image name=... value="$field"/>'
         )
     if len(found) > 1:
         names = ", ".join(repr(c.get("name")) for c in found)

@@ -47,9 +47,7 @@ def prediction_out(p: Prediction) -> PredictionOut:
     openapi_extra=IMAGES_BODY,
     responses={503: {"description": "No model has any class yet"}},
 )
-async def predict(
-    request: Request, settings: SettingsDep, server: ServerDep, metrics: MetricsDep, top_k: int = 5
-) -> JSONResponse:
+async def predict(request: Request, settings: SettingsDep, server: ServerDep, metrics: MetricsDep, top_k: int = 5) -> JSONResponse:
     """Top-k labels for each image, in input order, and the model version that produced them."""
     started = time.perf_counter()
     status, version = 500, None

@@ -54,9 +54,7 @@ async def limited_body(request: Request, limit: int, timeout_s: float) -> AsyncI
 async def read_form(request: Request, settings: Settings) -> FormData:
     """Parse a multipart form of at most max_images_per_request files and max_request_bytes."""
     if content_type(request) != "multipart/form-data":
-        raise UnsupportedMediaType(
-            f"expected a multipart/form-data body, got {content_type(request) or 'no content type'}"
-        )
+        raise UnsupportedMediaType(f"expected a multipart/form-data body, got {content_type(request) or 'no content type'}")
     limit = settings.max_images_per_request
     field_limit = 4 * settings.max_label_length + 1024  # a label at the length limit in UTF-8, with room to spare
     parser = MultiPartParser(
