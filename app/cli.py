@@ -91,8 +91,10 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
     from app.api import create_app
     from app.auth import safe_host
+    from app.images import limit_pillow
     from worker.jobs import apply_pending_updates
 
+    limit_pillow(settings.max_image_pixels)  # process-wide: set where the process starts
     host, warning = safe_host(args.host, settings.api_keys)
     if warning:
         log.warning(warning)

@@ -6,8 +6,12 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
+
+# What a file gets: bytes, or a function that writes them into it (a large file is never whole in memory).
+Content = bytes | Callable[[BinaryIO], object]
 
 
 def fsync_dir(path: Path) -> None:
@@ -19,12 +23,12 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_temp(directory: Path, data: bytes, prefix: str = ".tmp-") -> Path:
+def write_temp(directory: Path, data: Content, prefix: str = ".tmp-") -> Path:
     """Write data to a new fsynced temporary file in directory and return its path."""
     fd, name = tempfile.mkstemp(dir=directory, prefix=prefix)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        with os.fdopen(fd, "w+b") as f:
+            data(f) if callable(data) else f.write(data)
             f.flush()
             os.fsync(f.fileno())
     except BaseException:
@@ -44,7 +48,7 @@ def atomic_write(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-def create_exclusive(path: Path, data: bytes) -> bool:
+def create_exclusive(path: Path, data: Content) -> bool:
     """Create path with data atomically; False, and nothing written, if it already exists."""
     tmp = write_temp(path.parent, data)
     try:

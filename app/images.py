@@ -25,6 +25,13 @@ MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
 
+def limit_pillow(max_pixels: int) -> None:
+    """Set Pillow's own bomb check (process-wide) to our pixel limit: it also guards what open_image
+    never sees, such as the frames of an animated GIF or a multi-page TIFF. Pillow refuses at twice
+    MAX_IMAGE_PIXELS and warns above it."""
+    Image.MAX_IMAGE_PIXELS = max(1, max_pixels // 2)
+
+
 def open_image(data: bytes, max_pixels: int, name: str = "image") -> Image.Image:
     """Read an image's header only, refusing empty files, formats not in FORMATS and oversized images."""
     if not data:

@@ -7,7 +7,6 @@ temporary file, fsynced and linked into place: a crash leaves the whole set or n
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import math
@@ -22,6 +21,7 @@ from collections.abc import Iterable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from app.errors import CorruptUpdate, IdempotencyConflict, InvalidLabel, InvalidUpdate, UnknownUpdate
 from app.files import create_exclusive, directory_version, file_key
@@ -115,6 +115,15 @@ def split_holdout(seed: str, labels: Sequence[str], fraction: float, new_classes
     return chosen
 
 
+def write_archive(file: BinaryIO, manifest: dict, images: Sequence[bytes]) -> None:
+    """An update set's file: its images as stored members, then its manifest. Written straight
+    into the file: no copy of the set is built in memory beside the images."""
+    with zipfile.ZipFile(file, "w", compression=zipfile.ZIP_STORED) as archive:
+        for i, data in enumerate(images):
+            archive.writestr(f"{i:06d}", data)
+        archive.writestr("manifest.json", json.dumps(manifest))
+
+
 class SampleStore:
     """Update sets on disk under root, one zip file each."""
 
@@ -190,7 +199,7 @@ class SampleStore:
             "fingerprint": digest,
             "holdout": sorted(split_holdout(digest, labels, self.holdout_fraction, new_classes)),
         }
-        created = create_exclusive(self.path(update_id), self._archive(manifest, images))
+        created = create_exclusive(self.path(update_id), lambda file: write_archive(file, manifest, images))
         if not created:  # a concurrent request with the same key stored it first
             return self.replayed(update_id, idempotency_key or "", digest), False
         return self.get(update_id), True
@@ -204,15 +213,6 @@ class SampleStore:
                 "labels; send new data under a new key"
             )
         return stored
-
-    @staticmethod
-    def _archive(manifest: dict, images: Sequence[bytes]) -> bytes:
-        buffer = io.BytesIO()
-        with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
-            for i, data in enumerate(images):
-                archive.writestr(f"{i:06d}", data)
-            archive.writestr("manifest.json", json.dumps(manifest))
-        return buffer.getvalue()
 
     def get(self, update_id: str) -> UpdateSet:
         path = self.path(update_id)

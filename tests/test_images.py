@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from app.errors import InvalidImage, TooLarge
-from app.images import check_pixel_budget, decode_image, image_to_pixels, normalize, pixel_transform, to_pixels
+from app.images import check_pixel_budget, decode_image, image_to_pixels, limit_pillow, normalize, pixel_transform, to_pixels
 
 LIMIT = 40_000_000
 
@@ -82,3 +82,16 @@ def test_a_request_over_its_pixel_budget_is_refused_from_the_headers():
     check_pixel_budget(images[:2], LIMIT, budget=2_500_000)
     with pytest.raises(TooLarge, match="over 2500000 pixels together .at img2.png"):
         check_pixel_budget(images, LIMIT, budget=2_500_000)
+
+
+def test_pillow_itself_refuses_images_over_the_limit_once_the_service_sets_it(monkeypatch):
+    """Any Pillow reader, not only ours, refuses past the service's limit (ours: 40,000 pixels)."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
+    buffer = io.BytesIO()
+    Image.new("RGB", (250, 250)).save(buffer, "PNG")  # 62,500 pixels
+    Image.open(io.BytesIO(buffer.getvalue())).close()  # Pillow's default limit lets it through
+    limit_pillow(40_000)
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(io.BytesIO(buffer.getvalue()))
+    with pytest.raises(InvalidImage, match="over the pixel limit"):
+        decode_image(buffer.getvalue(), 40_000)
