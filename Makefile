@@ -1,6 +1,12 @@
 # make test: install everything (Debian packages, .venv with pinned Python packages) and run the tests.
 # make test-labelstudio: warmtune as the ML backend of a real Label Studio (its own virtualenv, about 3 minutes).
-# make demo: install, then run the end-to-end demo on Fashion-MNIST.
+# make # The Docker image built and the compose stack run for real, on images made here from Debian's
+# archive (needs root for debootstrap; starts no dockerd: start one first). Minutes; not in make test.
+compose-test: install
+	@for p in docker.io debootstrap; do dpkg -s $$p >/dev/null 2>&1 || $(SUDO) apt-get install -y -q $$p; done
+	$(BIN)/python deploy/compose-test/run.py
+
+demo: install, then run the end-to-end demo on Fashion-MNIST.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -13,7 +19,7 @@ REDIS_PORT ?= 6379
 LABELSTUDIO_VENV := .venv-labelstudio
 LABELSTUDIO_STAMP := $(LABELSTUDIO_VENV)/.installed
 
-.PHONY: install system-deps redis lint format test test-labelstudio labelstudio-screenshot demo bench bench-stream bench-consolidation bench-history bench-label-check experiment clean
+.PHONY: install system-deps redis lint format compose-test test test-labelstudio labelstudio-screenshot demo bench bench-stream bench-consolidation bench-history bench-label-check experiment clean
 
 install: system-deps $(STAMP)
 

@@ -56,6 +56,14 @@ class Settings(BaseSettings):
         "lineage's training samples have grown by this factor since the last such training; 0: never (the paper's "
         "short fine-tune only).",
     )
+    consolidate_weak_recall: float = Field(
+        0.3,
+        ge=0,
+        le=1,
+        description="A step also retrains on the whole memory when the current version calls fewer than this share of "
+        "some old class's holdout samples (3 or more) by their label, once the samples have grown by 10 % since the "
+        "last such training; 0: off. Needs WARMTUNE_CONSOLIDATE_GROWTH above 0.",
+    )
     holdout_fraction: float = Field(0.1, ge=0, lt=1, description="Fraction of each update set kept for the gate.")
     gate_max_old_drop: float = Field(
         0.05, ge=0, description="Largest drop of holdout accuracy on old data a candidate may show (0.05 = 5 points)."

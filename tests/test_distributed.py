@@ -279,13 +279,17 @@ def test_compose_file_is_valid(tmp_path: Path):
         "WARMTUNE_REDIS_URL",
         "WARMTUNE_HOME",
         "healthcheck",
-        "driver: nvidia",
         "prometheus:",
         "grafana:",
         "--requirepass",
         "redis://:a-password@redis:6379/0",
     ):
         assert needed in config, needed
+    assert "driver: nvidia" not in config  # the worker gets a GPU from docker-compose.gpu.yml
+    for extra, needed in (("docker-compose.gpu.yml", "driver: nvidia"), ("deploy/compose-test/compose.yml", "127.0.0.1::8000")):
+        both = ["docker-compose", "-f", str(compose), "-f", str(compose.parent / extra), "config"]
+        merged = subprocess.run(both, capture_output=True, text=True, env={**env, "WARMTUNE_API_PUBLISH": "127.0.0.1::8000"})
+        assert merged.returncode == 0 and needed in merged.stdout, merged.stderr
     unset = subprocess.run(
         ["docker-compose", "-f", str(compose), "config"],
         capture_output=True,

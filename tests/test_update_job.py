@@ -10,8 +10,10 @@ from imagegen import make_set, poisoned_set
 
 from app.errors import NotRetryable
 from app.model import build_model
-from app.stores import Stores
-from worker.jobs import apply_pending_updates
+from app.snapshots import SnapshotMeta
+from app.stores import Attempt, Stores
+from worker.gate import Answers
+from worker.jobs import RECORD, apply_pending_updates, known_answers, relabel_factor, weak_classes
 from worker.trainer import TrainStats
 
 
@@ -209,10 +211,6 @@ def test_the_batched_trigger_waits_for_enough_samples_or_time_then_takes_them_in
 
 
 def test_the_label_check_reads_the_newest_answers_of_the_lineage_up_to_the_cap():
-    from app.snapshots import SnapshotMeta
-    from worker.gate import Answers
-    from worker.jobs import RECORD, known_answers
-
     def meta(version: int, record: dict) -> SnapshotMeta:
         return SnapshotMeta(
             version=version,
@@ -241,9 +239,6 @@ def test_the_label_check_reads_the_newest_answers_of_the_lineage_up_to_the_cap()
 
 
 def test_a_set_the_relabel_test_refused_must_be_explained_by_its_label_when_reconsidered(settings):
-    from app.stores import Attempt
-    from worker.jobs import relabel_factor
-
     refused = Attempt("rejected", 1.0, 3, "labels contradict", {"refused_by": "relabel"})
     disagreed = Attempt("rejected", 1.0, 3, "labels contradict", {"refused_by": "agreement"})
     forgot = Attempt("rejected", 1.0, 3, "the candidate would forget", {})
@@ -316,3 +311,31 @@ def test_a_short_fine_tune_that_does_not_fit_its_new_class_is_tried_again_on_the
     [step] = apply_pending_updates(settings)
     assert step.status == "applied" and step.metrics["consolidated"], step
     assert "0% of the new classes' images" in step.metrics["short_fine_tune"]["why"]
+
+
+def test_weak_classes_are_those_the_version_calls_right_too_rarely_on_enough_samples():
+    before = Answers(("a",) * 4 + ("b",) * 2 + ("c",) * 3, ("a", "c", "c", "c", "a", "a", "c", "c", "a"))
+    # a: 1 of 4 right; b: 0 of 2, too few to say; c: 2 of 3
+    assert weak_classes(before, 0.3) == {"a": 0.25}
+    assert weak_classes(before, 0.0) == {}  # off
+
+
+def test_a_weak_old_class_makes_a_step_train_on_the_whole_memory_at_most_once_per_tenth_of_growth(settings, monkeypatch):
+    settings = settings.model_copy(update={"consolidate_growth": 1.5, "bootstrap_max_epochs": 8, "bootstrap_patience": 3})
+    stores = Stores(settings)
+    add(stores, *make_set({"red": 20, "green": 20}, seed=1))  # 36 training samples
+    apply_pending_updates(settings)
+    seen = []
+
+    def red_is_weak(before, below):
+        seen.append(before.recall("red"))
+        return {"red": 0.0}
+
+    monkeypatch.setattr("worker.jobs.weak_classes", red_is_weak)
+    add(stores, *make_set({"red": 10}, seed=2))  # 36 + 9 = 45 >= 1.1 * 36
+    [whole] = apply_pending_updates(settings)
+    assert whole.metrics["consolidated"] and whole.metrics["consolidated_because"] == "weak classes: red 0.00"
+    assert seen and seen[0][1] > 0  # it was asked about the version's holdout answers
+    add(stores, *make_set({"red": 4}, seed=3))  # 45 + 4 = 49 < 1.1 * 45: the paper's step, weak or not
+    [short] = apply_pending_updates(settings)
+    assert short.status == "applied" and not short.metrics["consolidated"]

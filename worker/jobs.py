@@ -40,6 +40,11 @@ log = logging.getLogger(__name__)
 # The metrics key of a version's answers on its sets' images before training on them.
 RECORD = "answers_before_training"
 
+# A whole-memory training for weak classes waits until the memory has grown by this factor since
+# the last one: a class that stays weak (a look-alike even joint training confuses) costs a
+# bounded number of them, about log(N)/log(1.1).
+WEAK_CLASS_GROWTH = 1.1
+
 
 def apply_pending_updates(
     settings: Settings | None = None,
@@ -278,6 +283,7 @@ class Candidate:
     holdout_after: dict[str, Any]
     evaluate_seconds: float
     consolidated: bool
+    consolidated_because: str | None = None
     short_fine_tune: dict[str, Any] | None = None  # why a short fine-tune was set aside for a consolidation
 
 
@@ -367,12 +373,21 @@ def grow_for_new_classes(settings: Settings, step: Step) -> dict[str, Any] | Non
 def train_and_judge(settings: Settings, stores: Stores, step: Step) -> Candidate:
     """Train the candidate: the paper's short fine-tune, or a consolidation on the whole memory when
     one is due or when the short fine-tune falls short; then gate check 2."""
-    samples = len(step.old_train) + len(step.new_train)
-    ancestors = stores.snapshots.ancestors(step.parent.version) if step.parent else []
-    if step.parent is None or consolidation_due(settings.consolidate_growth, ancestors, samples):
+    if step.parent is None:
         return train_and_check(settings, step, consolidate=True)
     if settings.consolidate_growth == 0:
         return train_and_check(settings, step, consolidate=False)
+    samples = len(step.old_train) + len(step.new_train)
+    lineage = step.parent.version
+    weak = weak_classes(step.before, settings.consolidate_weak_recall)
+    if consolidation_due(settings.consolidate_growth, stores.snapshots.ancestors(lineage), samples):
+        return train_and_check(settings, step, consolidate=True, why="the memory grew")
+    if weak and consolidation_due(WEAK_CLASS_GROWTH, stores.snapshots.ancestors(lineage), samples):
+        # A class the current version has lost (or never generalised to) on its holdout: the short
+        # fine-tune only trains on it in proportion to its share of the memory; the whole memory does.
+        why = "weak classes: " + ", ".join(f"{c} {r:.2f}" for c, r in weak.items())
+        log.info("the current version is weak on old classes (%s); training on the whole memory", why)
+        return train_and_check(settings, step, consolidate=True, why=why)
     # The grown model before training: where a whole-memory training starts if the short one falls short.
     start = {k: v.detach().clone() for k, v in step.model.state_dict().items()}
     short = train_and_check(settings, step, consolidate=False)
@@ -389,16 +404,27 @@ def train_and_judge(settings: Settings, stores: Stores, step: Step) -> Candidate
     )
     log.info("the short fine-tune falls short (%s); training on the whole memory instead", why)
     step.model.load_state_dict(start)
-    candidate = train_and_check(settings, step, consolidate=True)
+    candidate = train_and_check(settings, step, consolidate=True, why="the short fine-tune fell short")
     candidate.short_fine_tune = {"why": why, "iterations": short.stats.iterations, "train_seconds": short.stats.seconds}
     return candidate
 
 
-def train_and_check(settings: Settings, step: Step, consolidate: bool) -> Candidate:
+def train_and_check(settings: Settings, step: Step, consolidate: bool, why: str | None = None) -> Candidate:
     stats = train_candidate(settings, step, consolidate)
     clock = time.perf_counter()
     verdict, holdout_after = judge_candidate(settings, step, stats)
-    return Candidate(stats, verdict, holdout_after, time.perf_counter() - clock, consolidate)
+    return Candidate(stats, verdict, holdout_after, time.perf_counter() - clock, consolidate, why)
+
+
+def weak_classes(before: Answers, below: float, least: int = 3) -> dict[str, float]:
+    """Old classes the current version calls by their label on fewer than `below` of their holdout
+    samples (at least `least` of them), with that share."""
+    weak = {}
+    for label in dict.fromkeys(before.true):
+        hits, n = before.recall(label)
+        if n >= least and hits / n < below:
+            weak[label] = hits / n
+    return weak
 
 
 def step_metrics(settings: Settings, step: Step, candidate: Candidate, holdout_before: dict[str, Any] | None) -> dict[str, Any]:
@@ -407,6 +433,7 @@ def step_metrics(settings: Settings, step: Step, candidate: Candidate, holdout_b
     return {
         "first_version": step.parent is None,
         "consolidated": candidate.consolidated,
+        "consolidated_because": candidate.consolidated_because,
         "short_fine_tune": candidate.short_fine_tune,
         "iterations": stats.iterations,
         "epochs": stats.epochs,
