@@ -374,15 +374,15 @@ def train_and_judge(settings: Settings, stores: Stores, step: Step) -> Candidate
     """Train the candidate: the paper's short fine-tune, or a consolidation on the whole memory when
     one is due or when the short fine-tune falls short; then gate check 2."""
     if step.parent is None:
-        return train_and_check(settings, step, consolidate=True)
+        return train_and_check(settings, step, consolidate=True, why="the first version")
     if settings.consolidate_growth == 0:
         return train_and_check(settings, step, consolidate=False)
     samples = len(step.old_train) + len(step.new_train)
-    lineage = step.parent.version
+    parent = step.parent.version
     weak = weak_classes(step.before, settings.consolidate_weak_recall)
-    if consolidation_due(settings.consolidate_growth, stores.snapshots.ancestors(lineage), samples):
+    if consolidation_due(settings.consolidate_growth, stores.snapshots.ancestors(parent), samples):
         return train_and_check(settings, step, consolidate=True, why="the memory grew")
-    if weak and consolidation_due(WEAK_CLASS_GROWTH, stores.snapshots.ancestors(lineage), samples):
+    if weak and consolidation_due(WEAK_CLASS_GROWTH, stores.snapshots.ancestors(parent), samples):
         # A class the current version has lost (or never generalised to) on its holdout: the short
         # fine-tune only trains on it in proportion to its share of the memory; the whole memory does.
         why = "weak classes: " + ", ".join(f"{c} {r:.2f}" for c, r in weak.items())
