@@ -304,8 +304,8 @@ def apply_step(settings: Settings, stores: Stores, pending: list[UpdateSet], loc
         return refused + [record_attempt(stores, accepted, "rejected", candidate.verdict.reason, metrics)]
     # The record goes with the published version only: the label checks read it from the lineage.
     metrics[RECORD] = record
-    version = publish(settings, stores, step.model, step.parent, step.classes, step.image_size, step.base_weights, accepted, metrics)
-    return refused + [version]
+    published = publish(settings, stores, step.model, step.parent, step.classes, step.image_size, step.base_weights, accepted, metrics)
+    return refused + [published]
 
 
 def start_step(settings: Settings, stores: Stores, pending: list[UpdateSet]) -> Step:

@@ -212,7 +212,10 @@ def main() -> int:
         raise
     finally:
         subprocess.run([*COMPOSE, "down", "-v", "--remove-orphans"], env=env, capture_output=True)
-        TOKEN.unlink(missing_ok=True) if token_was is None else TOKEN.write_bytes(token_was)
+        if token_was is None:
+            TOKEN.unlink(missing_ok=True)
+        else:
+            TOKEN.write_bytes(token_was)
     say(f"compose test passed: {time.monotonic() - built:.0f} s for the stack, {time.monotonic() - started:.0f} s in all")
     return 0
 
