@@ -28,7 +28,10 @@ def write_temp(directory: Path, data: Content, prefix: str = ".tmp-") -> Path:
     fd, name = tempfile.mkstemp(dir=directory, prefix=prefix)
     try:
         with os.fdopen(fd, "w+b") as f:
-            data(f) if callable(data) else f.write(data)
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
             f.flush()
             os.fsync(f.fileno())
     except BaseException:
