@@ -91,6 +91,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
     from app.api import create_app
     from app.auth import safe_host
+    from app.http import http_protocol
     from app.images import limit_pillow
     from worker.jobs import apply_pending_updates
 
@@ -104,6 +105,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         port=args.port,
         log_level="info",
         limit_concurrency=settings.max_connections,
+        http=http_protocol(settings.header_timeout_s),
     )
     return 0
 

@@ -180,13 +180,18 @@ class ModelServer:
         loop = asyncio.get_running_loop()
         limits = self.settings.max_image_pixels, self.settings.max_request_pixels
         await loop.run_in_executor(self._decode_pool, check_pixel_budget, images, *limits)
-        pixels = await asyncio.gather(
-            *(
-                loop.run_in_executor(self._decode_pool, image_to_pixels, data, served.image_size, self.settings.max_image_pixels, name)
-                for name, data in images
-            )
-        )
-        return torch.stack(pixels)
+        # The pool serves images first come, first served: a request that queued all of its images
+        # at once would make every later request wait for the last of them. Holding at most half
+        # of the threads, it leaves the others to the requests that come after it.
+        share = asyncio.Semaphore(max(1, self.settings.decode_threads // 2))
+
+        async def decode(name: str, data: bytes) -> torch.Tensor:
+            async with share:
+                return await loop.run_in_executor(
+                    self._decode_pool, image_to_pixels, data, served.image_size, self.settings.max_image_pixels, name
+                )
+
+        return torch.stack(await asyncio.gather(*(decode(name, data) for name, data in images)))
 
     def require_model(self) -> ServedModel:
         if self.current is None:

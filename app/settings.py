@@ -126,6 +126,12 @@ class Settings(BaseSettings):
     max_label_length: int = Field(100, ge=1, description="Longest class label in characters.")
     max_images_per_request: int = Field(256, ge=1, description="Most images in one /predict or /updates request.")
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1, description="Largest request body in bytes.")
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="A request's line and headers must arrive within this many seconds of the connection opening or of "
+        "the previous response (slow clients get 408 and are disconnected).",
+    )
     body_timeout_s: float = Field(
         60.0, gt=0, description="A request body must arrive within this many seconds of the request (slow clients get 408)."
     )

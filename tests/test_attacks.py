@@ -45,7 +45,13 @@ def samples_stored(tmp_path: Path) -> int:
 @pytest.fixture
 def open_server(tmp_path: Path) -> Iterator[Server]:
     """No keys (loopback only), and a small per-request pixel budget."""
-    env = fast_env(tmp_path / "home", WARMTUNE_MAX_REQUEST_PIXELS="5000", WARMTUNE_BODY_TIMEOUT_S="1", WARMTUNE_MAX_CONNECTIONS="8")
+    env = fast_env(
+        tmp_path / "home",
+        WARMTUNE_MAX_REQUEST_PIXELS="5000",
+        WARMTUNE_BODY_TIMEOUT_S="1",
+        WARMTUNE_MAX_CONNECTIONS="8",
+        WARMTUNE_HEADER_TIMEOUT_S="3",
+    )
     s = start_server(env, tmp_path / "server.log")
     yield s
     s.kill()
@@ -153,6 +159,31 @@ def test_a_client_that_trickles_its_body_gets_408_and_the_connections_are_capped
     else:
         raise AssertionError("still refusing after the idle connections closed")
     assert samples_stored(tmp_path) == 0
+
+
+def test_a_client_that_trickles_its_headers_gets_408_and_is_disconnected(open_server: Server):
+    port = int(open_server.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        conn.sendall(f"GET /models HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nX-Slow: ".encode())
+        for _ in range(150):  # a header byte every 0.2 s: 30 s at most, ten times the deadline
+            try:
+                conn.sendall(b"a")
+            except OSError:  # the server closed the connection
+                break
+            time.sleep(0.2)
+        answer = read_answer(conn)
+        assert answer.startswith("HTTP/1.1 408") and "headers did not arrive within 3 s" in answer, answer
+        assert conn.recv(1) == b""  # and the connection is closed
+
+
+def test_a_kept_alive_connection_gets_a_new_head_deadline_for_each_request(open_server: Server):
+    port = int(open_server.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        for _ in range(2):  # two whole requests on one connection are served, not cut off
+            conn.sendall(f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+            assert read_answer(conn).startswith("HTTP/1.1 200")
+        conn.sendall(b"GET /healthz HTTP/1.1\r\n")  # then a head that never ends
+        assert read_answer(conn).startswith("HTTP/1.1 408")
 
 
 @pytest.fixture

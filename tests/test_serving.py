@@ -1,8 +1,21 @@
-"""Serving pieces that need no server: resizing across a swap, top-k."""
+"""Serving pieces that need no server: resizing across a swap, top-k, sharing the decode threads."""
 
+import asyncio
+import random
+import threading
+import time
+from pathlib import Path
+
+import pytest
 import torch
+from imagegen import make_image
+from torch import nn
 
-from app.serving import resize_to, top_predictions
+from app import serving
+from app.metrics import Metrics
+from app.serving import ModelServer, ServedModel, resize_to, top_predictions
+from app.settings import Settings
+from app.stores import Stores
 
 
 def test_requests_prepared_before_a_swap_are_resized_to_the_new_input_size():
@@ -15,3 +28,34 @@ def test_top_k_is_capped_by_the_number_of_classes_and_ordered():
     probs = torch.tensor([[0.1, 0.7, 0.2]])
     [p] = top_predictions(probs, ["a", "b", "c"], k=5)
     assert p.label == "b" and [label for label, _ in p.top_k] == ["b", "c", "a"]
+
+
+def test_a_request_of_many_images_leaves_decode_threads_to_the_requests_after_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    decoded: list[str] = []
+    lock = threading.Lock()
+
+    def slow_decode(data: bytes, image_size: int, max_pixels: int, name: str) -> torch.Tensor:
+        time.sleep(0.05)  # long enough that the big request still has images queued when the small one comes
+        with lock:
+            decoded.append(name)
+        return torch.zeros(3, image_size, image_size, dtype=torch.uint8)
+
+    monkeypatch.setattr(serving, "image_to_pixels", slow_decode)
+    png = make_image("red", random.Random(0), size=16)
+    settings = Settings(home=tmp_path, decode_threads=2)
+    server = ModelServer(settings, Stores(settings), Metrics())
+    server.current = ServedModel(1, ["a"], 8, nn.Identity(), torch.device("cpu"))
+
+    async def big_then_small() -> int:
+        big = asyncio.create_task(server.prepare_all([(f"big {i}", png) for i in range(8)]))
+        await asyncio.sleep(0.01)  # the big request's first images are in the pool
+        await server.prepare_all([("small", png)])
+        done = sum(name.startswith("big") for name in decoded)
+        assert (await big).shape == (8, 3, 8, 8)
+        return done
+
+    try:
+        # Queued all at once, the big request's 8 images would all decode before the small one's.
+        assert asyncio.run(big_then_small()) <= 2
+    finally:
+        server.close()
