@@ -89,11 +89,20 @@ class Settings(BaseSettings):
         description="Refuse a set whose labels of a known class agree with the current model less often than its "
         "recall of the class explains, at this significance; 0: no agreement test.",
     )
+    gate_relabel_share: float = Field(
+        0.2,
+        ge=0,
+        lt=1,
+        description="Refuse a set labelled as a known class (5 or more of its images, 20 or more stored) when at most this "
+        "share of them lie nearest the mean of that class's stored images in the current model's features, and more lie "
+        "nearest another class's; 0: no nearest-mean test.",
+    )
     gate_relabel_factor: float = Field(
-        10.0,
+        0.0,
         ge=0,
         description="Refuse a set labelled as a known class when the current model's answers for its images are this "
-        "many times likelier for images of another known class (a Bayes factor); 0: no relabel test.",
+        "many times likelier for images of another known class (a Bayes factor); 0: no such test (the nearest-mean test "
+        "replaced it as the default; 10 was its setting).",
     )
     retry_auto_max: int = Field(
         2, ge=0, description="Times a rejected set is reconsidered by itself after more data of its classes is applied."

@@ -41,9 +41,9 @@ from app.model import model_from_state
 from app.samples import Sample
 from app.settings import Settings
 from app.stores import Stores
-from worker.gate import Answers, beta_binomial_cdf, check_labels, relabel_evidence
-from worker.jobs import apply_pending_updates, replay_memory
-from worker.trainer import SampleTensors, predict_logits
+from worker.gate import Answers, beta_binomial_cdf, check_labels, check_nearest, nearest_means, relabel_evidence
+from worker.jobs import apply_pending_updates, replay_memory, stored_means
+from worker.trainer import SampleTensors, predict_features, predict_logits
 
 RESULTS = Path(__file__).parent / "results"
 SET_SIZE = 10
@@ -51,9 +51,9 @@ SET_SIZE = 10
 
 def train_version(
     home: Path, per_class: int, seed: int, arch: str, image_size: int
-) -> tuple[Answers, dict[str, list[str]], dict[str, torch.Tensor]]:
-    """A first version's outcomes on its holdout, and its predictions and log-probabilities for
-    every test image, by true class."""
+) -> tuple[Answers, dict[str, list[str]], dict[str, list[str]], dict[str, torch.Tensor]]:
+    """A first version's outcomes on its holdout, and its predictions, nearest class means (of its
+    stored training images) and log-probabilities for every test image, by true class."""
     settings = Settings(home=home, arch=arch, image_size=image_size, seed=seed)
     stores = Stores(settings)
     data = fashion_mnist("train")
@@ -68,16 +68,18 @@ def train_version(
     model = model_from_state(meta.arch, stores.snapshots.weights(step.model_version))
     index = {c: i for i, c in enumerate(meta.classes)}
     device = torch.device("cpu")
-    _, holdout = replay_memory(stores, meta, index, image_size, settings.gate_holdout_per_class, seed)
+    memory, holdout = replay_memory(stores, meta, index, image_size, settings.gate_holdout_per_class, seed)
     known = Answers.of(predict_logits(model, holdout, device), holdout.labels, meta.classes)
+    means = stored_means(settings, model, memory, device)
     test = fashion_mnist("test")
-    predictions, log_probs = {}, {}
+    predictions, nearest, log_probs = {}, {}, {}
     for label in meta.classes:
         samples = [Sample("test", i, label, data=png) for i, png in enumerate(test.by_class[label])]
-        logits = predict_logits(model, SampleTensors(samples, index, image_size), device)
+        logits, features = predict_features(model, SampleTensors(samples, index, image_size), device)
         predictions[label] = list(Answers.of(logits, [label] * len(samples), meta.classes).predicted)
+        nearest[label] = list(nearest_means(features, [label] * len(samples), means).predicted)
         log_probs[label] = torch.log_softmax(logits.float(), dim=1)
-    return known, predictions, log_probs
+    return known, predictions, nearest, log_probs
 
 
 def before_rule_p(known: Answers, s: dict) -> float:
@@ -119,9 +121,15 @@ def draw_sets(predictions: dict[str, list[str]], sets_per_kind: int, rng: random
     return drawn
 
 
+def nearest_of(drawn: list[dict], nearest: dict[str, list[str]]) -> None:
+    for s in drawn:
+        s["nearest"] = [nearest[c][i] for c, i in s["images"]]
+
+
 PRIORS = (0.1, 0.5, 1.0)
 RECORD_SIZES = (20, 50)
 FACTORS = (3, 10, 30, 100, 1000)
+SHARES = (0.1, 0.2, 0.3, 0.4, 0.5)
 SOFT_THRESHOLDS = (0, 5, 10, 20, 40)
 
 
@@ -156,6 +164,15 @@ def refused_by_check(known: Answers, factor: float):
     return refused
 
 
+def refused_by_nearest(share: float):
+    """The service's nearest-mean test at this share."""
+
+    def refused(s: dict) -> bool:
+        return not check_nearest(Answers((s["label"],) * len(s["nearest"]), tuple(s["nearest"])), share).passed
+
+    return refused
+
+
 def rule_families(known: Answers, predictions: dict[str, list[str]], log_probs: dict[str, torch.Tensor]) -> dict[str, dict]:
     """Each family of rules as {threshold: refused(set) -> bool}."""
     classes = list(predictions)
@@ -176,6 +193,11 @@ def rule_families(known: Answers, predictions: dict[str, list[str]], log_probs: 
         }
     families["relabel factor + agreement, every test answer (the limit)"] = {
         k: refused_by_check(first_answers(predictions), k) for k in FACTORS
+    }
+    families["nearest stored mean"] = {share: refused_by_nearest(share) for share in SHARES}
+    record = joined(known, first_answers(predictions, max(RECORD_SIZES)))
+    families["nearest stored mean + agreement, holdout + 50 unseen per class"] = {
+        share: (lambda share: lambda s: refused_by_check(record, 0)(s) or refused_by_nearest(share)(s))(share) for share in SHARES
     }
     families["softmax log ratio (uncalibrated)"] = {
         t: (lambda t: lambda s: soft_relabel(log_probs, classes, s["label"], s["images"]) >= t)(t) for t in SOFT_THRESHOLDS
@@ -230,8 +252,9 @@ def main(argv: list[str] | None = None) -> None:
         for seed in range(args.repeats):
             start = time.perf_counter()
             with tempfile.TemporaryDirectory() as home:
-                known, predictions, log_probs = train_version(Path(home), per_class, seed, args.arch, args.image_size)
+                known, predictions, nearest, log_probs = train_version(Path(home), per_class, seed, args.arch, args.image_size)
             drawn = draw_sets(predictions, args.sets, random.Random(seed))
+            nearest_of(drawn, nearest)
             families = rule_families(known, predictions, log_probs)
             run = {
                 "per_class": per_class,

@@ -218,6 +218,7 @@ def summarize(sets: list[PostedSet], outcome: dict) -> dict:
         "set_log": [
             {
                 "kind": s.kind,
+                "update_id": s.update_id,
                 "labels": s.note or ",".join(sorted(set(s.labels))),
                 "status": status[s.update_id],
                 "attempts": [f"{a['status']}: {a['reason'] or ''}"[:300] for a in final[s.update_id]["attempts"]],

@@ -3,13 +3,17 @@
 import math
 
 import pytest
+import torch
 
 from worker.gate import (
     Answers,
     beta_binomial_cdf,
     check_labels,
+    check_nearest,
     check_old_knowledge,
     check_training,
+    class_means,
+    nearest_means,
     relabel_evidence,
     sign_test_p,
 )
@@ -204,3 +208,53 @@ def test_a_diverged_candidate_is_refused():
     verdict = check_training(math.nan)
     assert not verdict.passed and "diverged" in verdict.reason
     assert check_training(0.3).passed
+
+
+def features(*groups: tuple[tuple[float, float], int]) -> torch.Tensor:
+    """Unit-length 2-d features, `count` copies of each direction."""
+    rows = [torch.tensor(direction) for direction, count in groups for _ in range(count)]
+    return torch.nn.functional.normalize(torch.stack(rows), dim=1)
+
+
+SHIRT, TSHIRT, BAG = (1.0, 0.2), (0.2, 1.0), (-1.0, 0.0)
+
+
+def test_class_means_leave_out_classes_with_too_few_stored_images():
+    stored = features((SHIRT, 20), (TSHIRT, 20), (BAG, 5))
+    means = class_means(stored, ["Shirt"] * 20 + ["T-shirt"] * 20 + ["Bag"] * 5, least=20)
+    assert set(means) == {"Shirt", "T-shirt"}
+    assert torch.allclose(means["Shirt"], torch.nn.functional.normalize(torch.tensor(SHIRT), dim=0))
+
+
+def test_images_nearest_another_class_are_refused_and_images_nearest_their_own_pass():
+    means = class_means(features((SHIRT, 20), (TSHIRT, 20)), ["Shirt"] * 20 + ["T-shirt"] * 20, least=20)
+    # T-shirts labelled Shirt (a look-alike slip the head may answer alike): refused, naming both
+    slip = check_nearest(nearest_means(features((TSHIRT, 9), (SHIRT, 1)), ["Shirt"] * 10, means), share=0.2)
+    assert not slip.passed and slip.check == "nearest"
+    assert "1 lie nearest the stored images of 'Shirt' and 9 nearest those of 'T-shirt'" in slip.reason
+    # a clean set of a weakly learned class: 3 of 10 nearest their own mean is above the share
+    assert check_nearest(nearest_means(features((SHIRT, 3), (TSHIRT, 7)), ["Shirt"] * 10, means), share=0.2).passed
+    assert check_nearest(
+        nearest_means(
+            features(
+                (SHIRT, 10),
+            ),
+            ["Shirt"] * 10,
+            means,
+        ),
+        share=0.2,
+    ).passed
+
+
+def test_the_nearest_mean_test_skips_new_classes_young_classes_and_labels_with_few_images():
+    means = class_means(features((SHIRT, 20), (TSHIRT, 20), (BAG, 9)), ["Shirt"] * 20 + ["T-shirt"] * 20 + ["Bag"] * 9, least=20)
+    labels = ["Sneaker"] * 10 + ["Bag"] * 10 + ["Shirt"] * 4  # a new class, one learned from one set, 4 slips
+    answers = nearest_means(
+        features(
+            (TSHIRT, 24),
+        ),
+        labels,
+        means,
+    )
+    assert answers.true == ("Shirt",) * 4  # only labels with a mean are read
+    assert check_nearest(answers, share=0.2).passed  # and fewer than 5 images of a label are not judged

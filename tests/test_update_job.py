@@ -77,6 +77,21 @@ def test_three_steps_then_a_poisoned_set_is_rejected(settings):
     assert apply_pending_updates(settings) == []
 
 
+def test_images_that_lie_nearest_another_known_class_are_refused_by_where_they_lie(make_settings):
+    # The agreement test off: only the nearest-mean test reads the labels of known classes.
+    settings = make_settings(gate_label_alpha=0.0)
+    stores = Stores(settings)
+    add(stores, *make_set({"red": 30, "green": 30, "blue": 30}, seed=1))
+    apply_pending_updates(settings)
+    slip = add(stores, *poisoned_set("green", "red", 20, seed=2))  # green images labelled red
+    clean = add(stores, *make_set({"red": 20}, seed=3))
+    results = {r.update_ids[0]: r for r in apply_pending_updates(settings)}
+    refused = results[slip]
+    assert refused.status == "rejected" and refused.metrics["refused_by"] == "nearest"
+    assert "images labelled 'red'" in refused.reason and "nearest those of 'green'" in refused.reason, refused.reason
+    assert results[clean].status == "applied"
+
+
 def test_without_the_label_check_the_candidate_that_forgets_old_classes_is_refused(make_settings):
     # no replay of the true green images: the poison does its damage for certain. The paper's step
     # only: trained on the whole memory, 54 true green images outweigh the 54 poisoned ones enough
@@ -244,7 +259,7 @@ def test_a_set_the_relabel_test_refused_must_be_explained_by_its_label_when_reco
     forgot = Attempt("rejected", 1.0, 3, "the candidate would forget", {})
     by_itself = Attempt("requeued", 2.0, 4, "reconsidered", {"automatic": True})
     by_request = Attempt("requeued", 2.0, 4, "retried on request", {"automatic": False})
-    assert settings.gate_relabel_factor > 1
+    settings = settings.model_copy(update={"gate_relabel_factor": 10.0})  # off by default since the nearest-mean test
     assert relabel_factor(settings, []) == settings.gate_relabel_factor
     assert relabel_factor(settings, [refused, by_itself]) == 1.0  # hysteresis
     assert relabel_factor(settings, [refused, by_request]) == settings.gate_relabel_factor  # an annotator's call

@@ -129,7 +129,9 @@ class Stream:
 
 def engine_settings(home: Path, protocol: Protocol, repeat: int, setting: Setting) -> Settings:
     # Without the gate: a drop of 1.0 can never be exceeded, and the label tests are off (the paper has no gate).
-    no_gate = {} if setting.gate else {"gate_max_old_drop": 1.0, "gate_label_alpha": 0.0, "gate_relabel_factor": 0.0}
+    no_gate = (
+        {} if setting.gate else {"gate_max_old_drop": 1.0, "gate_label_alpha": 0.0, "gate_relabel_factor": 0.0, "gate_relabel_share": 0.0}
+    )
     return Settings(
         home=home,
         arch=protocol.arch,

@@ -24,13 +24,24 @@ from app.samples import Sample, UpdateSet
 from app.settings import Settings, get_settings
 from app.snapshots import AttemptRecord, SnapshotMeta
 from app.stores import Attempt, Stores, attempt_of
-from worker.gate import Answers, Verdict, check_labels, check_old_knowledge, check_training
+from worker.gate import (
+    NEAREST_MIN_REFERENCE,
+    Answers,
+    Verdict,
+    check_labels,
+    check_nearest,
+    check_old_knowledge,
+    check_training,
+    class_means,
+    nearest_means,
+)
 from worker.trainer import (
     SampleTensors,
     TrainConfig,
     TrainStats,
     fine_tune,
     iterations_for,
+    predict_features,
     predict_logits,
     train_first_version,
 )
@@ -207,16 +218,21 @@ def screen_labels(
     factors: dict[str, float],
     settings: Settings,
     device: torch.device,
+    means: dict[str, torch.Tensor],
 ) -> tuple[list[SetTensors], list[tuple[SetTensors, Verdict]], dict[str, dict[str, int]]]:
     """Split the sets into those whose labels the current version can accept and those it refuses
-    (gate check 1), each set with its relabel threshold from factors; with the version's answers
-    on the accepted sets' images of known classes, by label (the record later label checks read)."""
+    (gate check 1), each set with its relabel threshold from factors and the mean features of the
+    stored images of each known class; with the version's answers on the accepted sets' images
+    of known classes, by label (the record later label checks read)."""
     accepted, refused = [], []
     record: dict[str, Counter[str]] = {}
     for s in sets:
-        logits = torch.cat([predict_logits(model, s.train, device), predict_logits(model, s.holdout, device)])
-        answers = Answers.of(logits, s.train.labels + s.holdout.labels, classes)
+        images = SampleTensors.join([s.train, s.holdout])
+        logits, features = predict_features(model, images, device)
+        answers = Answers.of(logits, images.labels, classes)
         verdict = check_labels(known, answers, settings.gate_label_alpha, factors[s.update.update_id])
+        if verdict.passed and settings.gate_relabel_share > 0:
+            verdict = check_nearest(nearest_means(features, images.labels, means), settings.gate_relabel_share)
         if not verdict.passed:
             refused.append((s, verdict))
             continue
@@ -343,7 +359,9 @@ def check_labels_of_sets(settings: Settings, stores: Stores, step: Step) -> tupl
     if step.parent is None:
         return [], {}
     step.before = Answers.of(predict_logits(step.model, step.old_holdout, step.device), step.old_holdout.labels, step.old_classes)
-    step.sets, refused, record = refuse_contradicting_sets(settings, stores, step.model, step.parent, step.before, step.sets, step.device)
+    step.sets, refused, record = refuse_contradicting_sets(
+        settings, stores, step.model, step.parent, step.before, step.sets, step.device, step.old_train
+    )
     return refused, record
 
 
@@ -462,19 +480,33 @@ def refuse_contradicting_sets(
     before: Answers,
     sets: list[SetTensors],
     device: torch.device,
+    memory: SampleTensors,
 ) -> tuple[list[SetTensors], list[Attempt], dict[str, dict[str, int]]]:
     """Gate check 1 against what the current version answers for each known class: the sets it
     accepts, the refusals recorded, and its answers on the accepted sets (the record)."""
     known = known_answers(before, stores.snapshots.ancestors(parent.version), parent.classes, settings.gate_holdout_per_class)
     history = stores.history()
     factors = {s.update.update_id: relabel_factor(settings, history.get(s.update.update_id, [])) for s in sets}
-    accepted, refused, record = screen_labels(model, known, sets, parent.classes, factors, settings, device)
+    accepted, refused, record = screen_labels(
+        model, known, sets, parent.classes, factors, settings, device, stored_means(settings, model, memory, device)
+    )
     results = []
     for s, verdict in refused:
         log.warning("rejected update set %s before training: %s", s.update.update_id, verdict.reason)
         metrics = {"gate": verdict.reason, "refused_by": verdict.check, "warm_start_from": parent.version}
         results.append(record_attempt(stores, [s.update], "rejected", verdict.reason, metrics))
     return accepted, results, record
+
+
+def stored_means(settings: Settings, model: nn.Module, memory: SampleTensors, device: torch.device) -> dict[str, torch.Tensor]:
+    """The current model's mean features of the stored training images of each known class, from a
+    bounded draw of the memory (WARMTUNE_GATE_HOLDOUT_PER_CLASS images of each class), so the cost
+    does not grow with the history; none when the nearest-mean test is off."""
+    if settings.gate_relabel_share <= 0 or not len(memory):
+        return {}
+    draw = bounded_holdout(memory.samples, settings.gate_holdout_per_class, random.Random(len(memory)))
+    _, features = predict_features(model, SampleTensors(draw, memory.class_index, memory.image_size), device)
+    return class_means(features, [s.label for s in draw], NEAREST_MIN_REFERENCE)
 
 
 def judge_candidate(settings: Settings, step: Step, stats: TrainStats) -> tuple[Verdict, dict[str, Any]]:

@@ -255,6 +255,20 @@ def predict_logits(model: nn.Module, samples: SampleTensors, device: torch.devic
     return torch.cat(out) if out else torch.empty(0, head_of(model).out_features)
 
 
+def predict_features(model: nn.Module, samples: SampleTensors, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's logits for every sample, and what its head reads (the penultimate layer's
+    output), L2-normalised: where each sample lies among the others in the model's eyes."""
+    head = head_of(model)
+    read: list[torch.Tensor] = []
+    hook = head.register_forward_hook(lambda _module, inputs, _output: read.append(inputs[0].float().cpu()))
+    try:
+        logits = predict_logits(model, samples, device)
+    finally:
+        hook.remove()
+    features = torch.cat(read) if read else torch.empty(0, head.in_features)
+    return logits, F.normalize(features, dim=1)
+
+
 def evaluate(model: nn.Module, samples: SampleTensors, device: torch.device) -> Accuracy:
     """Accuracy of the model on labelled samples, per label, and its mean loss."""
     return accuracy_of(predict_logits(model, samples, device), samples)
