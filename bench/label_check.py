@@ -16,9 +16,11 @@ threshold: the check this bench replaced (holdout only); the relabel factor with
 test reading the holdout only (three Dirichlet priors); the service's check_labels reading the
 holdout plus a record of 20 or 50 answers per class on unseen test images (what the lineage's
 record gives the service; sets are drawn from the other test images); the same reading every
-test answer (the limit of the rule on these answers); and the model's own softmax log ratio of
-another class against the label (uncalibrated). The plot: clean sets refused against
-look-alike relabelled sets refused.
+test answer (the limit of the rule on these answers); the nearest-mean test (where each image's
+features lie among the means of the version's stored training images of each class), alone,
+with the agreement test (the service's default) and with the relabel factor too; and the
+model's own softmax log ratio of another class against the label (uncalibrated). The plot:
+clean sets refused against look-alike relabelled sets refused.
 
     warmtune bench label-check --per-class 40 120 --repeats 2
 """
@@ -198,6 +200,9 @@ def rule_families(known: Answers, predictions: dict[str, list[str]], log_probs: 
     record = joined(known, first_answers(predictions, max(RECORD_SIZES)))
     families["nearest stored mean + agreement, holdout + 50 unseen per class"] = {
         share: (lambda share: lambda s: refused_by_check(record, 0)(s) or refused_by_nearest(share)(s))(share) for share in SHARES
+    }
+    families["nearest stored mean + relabel factor 10 + agreement, holdout + 50 unseen per class"] = {
+        share: (lambda share: lambda s: refused_by_check(record, 10)(s) or refused_by_nearest(share)(s))(share) for share in SHARES
     }
     families["softmax log ratio (uncalibrated)"] = {
         t: (lambda t: lambda s: soft_relabel(log_probs, classes, s["label"], s["images"]) >= t)(t) for t in SOFT_THRESHOLDS

@@ -96,7 +96,9 @@ def test_without_the_label_check_the_candidate_that_forgets_old_classes_is_refus
     # no replay of the true green images: the poison does its damage for certain. The paper's step
     # only: trained on the whole memory, 54 true green images outweigh the 54 poisoned ones enough
     # for the candidate to keep the old holdout (1.000 -> 0.944 seen), and that candidate passes.
-    settings = make_settings(gate_label_alpha=0.0, gate_relabel_factor=0.0, replay_lambda=0.0, iterations="50", consolidate_growth=0)
+    settings = make_settings(
+        gate_label_alpha=0.0, gate_relabel_factor=0.0, gate_relabel_share=0.0, replay_lambda=0.0, iterations="50", consolidate_growth=0
+    )
     stores = Stores(settings)
     add(stores, *make_set({"red": 60, "green": 60, "blue": 60}, seed=1))  # a holdout of 18
     apply_pending_updates(settings)
