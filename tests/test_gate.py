@@ -13,6 +13,7 @@ from worker.gate import (
     check_old_knowledge,
     check_training,
     class_means,
+    judged_by_nearest,
     nearest_means,
     relabel_evidence,
     sign_test_p,
@@ -258,3 +259,5 @@ def test_the_nearest_mean_test_skips_new_classes_young_classes_and_labels_with_f
     )
     assert answers.true == ("Shirt",) * 4  # only labels with a mean are read
     assert check_nearest(answers, share=0.2).passed  # and fewer than 5 images of a label are not judged
+    assert not judged_by_nearest(labels[:10] + labels[20:], ["Shirt", "Bag"])  # so such a step reads no stored image
+    assert judged_by_nearest(labels, ["Shirt", "Bag"])

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -163,6 +163,12 @@ def nearest_means(features: torch.Tensor, labels: Sequence[str], means: dict[str
     names = list(means)
     nearest = (features[rows] @ torch.stack([means[c] for c in names]).T).argmax(dim=1).tolist()
     return Answers(tuple(labels[i] for i in rows), tuple(names[i] for i in nearest))
+
+
+def judged_by_nearest(labels: Sequence[str], classes: Collection[str]) -> bool:
+    """Whether a set has a label the nearest-mean test judges: a known class with RELABEL_MIN_IMAGES
+    or more images (most sets of a stream do not, and then no stored image needs a forward pass)."""
+    return any(count >= RELABEL_MIN_IMAGES for label, count in Counter(labels).items() if label in classes)
 
 
 def check_nearest(nearest: Answers, share: float) -> Verdict:

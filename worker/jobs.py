@@ -33,6 +33,7 @@ from worker.gate import (
     check_old_knowledge,
     check_training,
     class_means,
+    judged_by_nearest,
     nearest_means,
 )
 from worker.trainer import (
@@ -487,9 +488,9 @@ def refuse_contradicting_sets(
     known = known_answers(before, stores.snapshots.ancestors(parent.version), parent.classes, settings.gate_holdout_per_class)
     history = stores.history()
     factors = {s.update.update_id: relabel_factor(settings, history.get(s.update.update_id, [])) for s in sets}
-    accepted, refused, record = screen_labels(
-        model, known, sets, parent.classes, factors, settings, device, stored_means(settings, model, memory, device)
-    )
+    judged = any(judged_by_nearest(s.update.labels, parent.classes) for s in sets)
+    means = stored_means(settings, model, memory, device) if judged else {}
+    accepted, refused, record = screen_labels(model, known, sets, parent.classes, factors, settings, device, means)
     results = []
     for s, verdict in refused:
         log.warning("rejected update set %s before training: %s", s.update.update_id, verdict.reason)
