@@ -165,9 +165,9 @@ class SetTensors:
     holdout: SampleTensors
 
 
-def bounded_holdout(samples: list[Sample], per_class: int, rng: random.Random) -> list[Sample]:
-    """At most per_class samples of each label, drawn at random and kept in their order: the same
-    draw is read before and after training, and its size does not grow with the history."""
+def per_class_draw(samples: list[Sample], per_class: int, rng: random.Random) -> list[Sample]:
+    """At most per_class samples of each label, drawn at random and kept in their order, so what
+    the gate reads (the old holdout, the stored images' means) does not grow with the history."""
     by_label: dict[str, list[int]] = {}
     for i, sample in enumerate(samples):
         by_label.setdefault(sample.label, []).append(i)
@@ -505,7 +505,7 @@ def stored_means(settings: Settings, model: nn.Module, memory: SampleTensors, de
     does not grow with the history; none when the nearest-mean test is off."""
     if settings.gate_relabel_share <= 0 or not len(memory):
         return {}
-    draw = bounded_holdout(memory.samples, settings.gate_holdout_per_class, random.Random(len(memory)))
+    draw = per_class_draw(memory.samples, settings.gate_holdout_per_class, random.Random(len(memory)))
     _, features = predict_features(model, SampleTensors(draw, memory.class_index, memory.image_size), device)
     return class_means(features, [s.label for s in draw], NEAREST_MIN_REFERENCE)
 
@@ -533,7 +533,7 @@ def replay_memory(
     """D_{t-1}: the training samples of the parent's lineage, and the bounded draw of its holdout the gate reads."""
     old_sets = stores.replay_sets(parent.version if parent else None)
     train = [s for u in old_sets for s in u.samples(holdout=False)]
-    holdout = bounded_holdout([s for u in old_sets for s in u.samples(holdout=True)], holdout_per_class, random.Random(seed))
+    holdout = per_class_draw([s for u in old_sets for s in u.samples(holdout=True)], holdout_per_class, random.Random(seed))
     return SampleTensors(train, index, image_size), SampleTensors(holdout, index, image_size)
 
 
