@@ -26,7 +26,7 @@ install: system-deps $(STAMP)
 # Reinstalled only when the pins change; an unchanged .venv costs nothing.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev,bench]'
 	touch $@
 
 system-deps:
@@ -73,8 +73,10 @@ demo: install
 	$(BIN)/warmtune demo
 
 bench: install
+	@dpkg -s wrk >/dev/null 2>&1 || $(SUDO) apt-get install -y -q wrk
 	$(BIN)/warmtune bench update-step --arch resnet18 --image-size 32
-	$(BIN)/warmtune bench predict
+	$(BIN)/warmtune bench predict --image-size 32 --threads 1
+	$(BIN)/warmtune bench predict --image-size 64 --threads 1
 
 # The learning loop over HTTP, clean and poisoned streams plus the joint-training bound (about 15 + 25 minutes on 2 cores).
 bench-stream: install

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from functools import partial
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
 from starlette.datastructures import State
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.auth import browser_request_refusal, roles_by_digest
 from app.errors import Forbidden, WarmtuneError
@@ -90,13 +90,24 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.server.close()
 
 
-async def refuse_browser_requests(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-    """Without API keys: serve loopback clients only, not web pages that reach loopback (see app.auth)."""
-    if not request.app.state.settings.api_keys:
-        reason = browser_request_refusal(request.method, dict(request.headers))
-        if reason is not None:
-            return error_response(Forbidden(reason))
-    return await call_next(request)
+class RefuseBrowserRequests:
+    """Without API keys: serve loopback clients only, not web pages that reach loopback (see app.auth).
+
+    Plain ASGI: starlette's BaseHTTPMiddleware (app.middleware("http")) costs a task and a body
+    stream per request.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
+            reason = browser_request_refusal(scope["method"], headers)
+            if reason is not None:
+                await error_response(Forbidden(reason))(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def create_app(update_job: UpdateJob, settings: Settings | None = None) -> FastAPI:
@@ -121,7 +132,8 @@ def create_app(update_job: UpdateJob, settings: Settings | None = None) -> FastA
     app.state.annotation_index = AnnotationIndex(settings.home / "labelstudio")
     app.add_exception_handler(WarmtuneError, domain_error)
     app.add_exception_handler(RequestValidationError, validation_error)
-    app.middleware("http")(refuse_browser_requests)
+    if not settings.api_keys:
+        app.add_middleware(RefuseBrowserRequests)
     for module in (predict, updates, models, ops, labelstudio):
         app.include_router(module.router)
     return app

@@ -106,6 +106,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         log_level="info",
         limit_concurrency=settings.max_connections,
         http=http_protocol(settings.header_timeout_s),
+        loop="uvloop",
     )
     return 0
 

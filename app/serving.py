@@ -74,6 +74,12 @@ def resize_to(pixels: torch.Tensor, image_size: int) -> torch.Tensor:
     return F.interpolate(pixels.float(), size=image_size, mode="bilinear").round().to(torch.uint8)
 
 
+def check_and_decode(image: tuple[str, bytes], image_size: int, max_pixels: int, budget: int) -> torch.Tensor:
+    """One image's pixels, after the request's pixel budget is checked from its header."""
+    check_pixel_budget([image], max_pixels, budget)
+    return image_to_pixels(image[1], image_size, max_pixels, image[0])
+
+
 def top_predictions(probs: torch.Tensor, classes: list[str], k: int) -> list[Prediction]:
     scores, indices = probs.topk(min(k, len(classes)), dim=1)
     out = []
@@ -179,6 +185,8 @@ class ModelServer:
         served = self.require_model()
         loop = asyncio.get_running_loop()
         limits = self.settings.max_image_pixels, self.settings.max_request_pixels
+        if len(images) == 1:  # the usual request: one hand-off to the pool, not two
+            return (await loop.run_in_executor(self._decode_pool, check_and_decode, images[0], served.image_size, *limits))[None]
         await loop.run_in_executor(self._decode_pool, check_pixel_budget, images, *limits)
         # The pool serves images first come, first served: a request that queued all of its images
         # at once would make every later request wait for the last of them. Holding at most half

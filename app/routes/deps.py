@@ -1,5 +1,8 @@
 """What the routes need from the running app, as FastAPI dependencies: one place that says where
-each comes from (the app's state, set up by app.api), so a route names what it uses."""
+each comes from (the app's state, set up by app.api), so a route names what it uses.
+
+They are coroutines because FastAPI runs a plain function dependency in a worker thread: three
+thread hand-offs per request for reading an attribute."""
 
 from __future__ import annotations
 
@@ -16,31 +19,31 @@ from app.settings import Settings
 from app.stores import Stores
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_stores(request: Request) -> Stores:
+async def get_stores(request: Request) -> Stores:
     return request.app.state.stores
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
-def get_server(request: Request) -> ModelServer:
+async def get_server(request: Request) -> ModelServer:
     return request.app.state.server
 
 
-def get_queue(request: Request) -> UpdateQueue:
+async def get_queue(request: Request) -> UpdateQueue:
     return request.app.state.queue
 
 
-def get_labelstudio(request: Request) -> LabelStudioClient:
+async def get_labelstudio(request: Request) -> LabelStudioClient:
     return request.app.state.labelstudio
 
 
-def get_annotation_index(request: Request) -> AnnotationIndex:
+async def get_annotation_index(request: Request) -> AnnotationIndex:
     return request.app.state.annotation_index
 
 
