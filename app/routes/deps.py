@@ -1,8 +1,8 @@
 """What the routes need from the running app, as FastAPI dependencies: one place that says where
 each comes from (the app's state, set up by app.api), so a route names what it uses.
 
-They are coroutines because FastAPI runs a plain function dependency in a worker thread: three
-thread hand-offs per request for reading an attribute."""
+They are coroutines because FastAPI runs a plain function dependency in a worker thread: a
+thread hand-off per dependency and request, to read an attribute."""
 
 from __future__ import annotations
 
