@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -47,12 +48,30 @@ class Prediction:
     top_k: list[tuple[str, float]]
 
 
+def serving_model(model: nn.Module, device: torch.device, image_size: int) -> nn.Module:
+    """A model prepared for inference on the device.
+
+    On the CPU it is traced and frozen (TorchScript, batch-norm folded into the convolutions):
+    a traced forward pass runs without the GIL, where an eager one takes it back between every
+    layer, and the service's event loop and decode threads need the GIL too (bench/predict.py).
+    On a GPU, channels-last memory for the bf16 autocast forward.
+    """
+    model = model.to(device).eval()
+    if device.type == "cuda":
+        return model.to(memory_format=torch.channels_last)
+    example = to_model_input(torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8), device)
+    # TorchScript is deprecated in favour of torch.compile and torch.export, which compile for
+    # tens of seconds per version on a CPU (a swap would wait for it); its warning would be
+    # logged at every swap.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.freeze(torch.jit.trace(model, example))
+
+
 def load_version(snapshots: SnapshotStore, version: int, device: torch.device) -> ServedModel:
     """Build a version's model on the device and run one warm-up batch through it."""
     meta = snapshots.meta(version)
-    model = model_from_state(meta.arch, snapshots.weights(version)).to(device).eval()
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+    model = serving_model(model_from_state(meta.arch, snapshots.weights(version)), device, meta.image_size)
     served = ServedModel(version, list(meta.classes), meta.image_size, model, device)
     forward(served, torch.zeros(1, 3, meta.image_size, meta.image_size, dtype=torch.uint8))
     return served

@@ -45,7 +45,7 @@ import torch
 from app.datasets import FASHION_MNIST_CLASSES, fashion_mnist
 from app.images import image_to_pixels
 from app.model import build_model, select_device
-from app.serving import ServedModel, forward
+from app.serving import ServedModel, forward, serving_model
 from app.snapshots import SnapshotMeta, SnapshotStore
 
 RESULTS = Path(__file__).parent / "results"
@@ -165,7 +165,7 @@ def wrk(url: str, script: Path, concurrency: int, seconds: float) -> dict[str, f
         text=True,
         check=True,
     ).stdout
-    percentiles = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.MULTILINE))
+    percentiles = dict(re.findall(r"^\s+(50|99)%\s+(\S+)\s*$", out, re.MULTILINE))
     failed = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses: (\d+)", out))
     failed += sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
     return {
@@ -196,7 +196,7 @@ def load(url: str, pid: int, script: Path, concurrency: int, seconds: float, war
 
 def bare_loop(arch: str, image_size: int, device: torch.device, images: list[bytes], batch: int, seconds: float) -> dict[str, float]:
     """Images/s (and per CPU-second) of decode + preprocess + forward in batches, the steps the service runs, without HTTP."""
-    model = build_model(arch, len(FASHION_MNIST_CLASSES)).to(device).eval()
+    model = serving_model(build_model(arch, len(FASHION_MNIST_CLASSES)), device, image_size)  # as the service prepares it
     served = ServedModel(1, FASHION_MNIST_CLASSES, image_size, model, device)
     done, k = 0, 0
     forward(served, torch.zeros(batch, 3, image_size, image_size, dtype=torch.uint8))  # warm-up

@@ -1,4 +1,4 @@
-"""Serving pieces that need no server: resizing across a swap, top-k, sharing the decode threads."""
+"""Serving pieces that need no server: resizing across a swap, top-k, sharing the decode threads, the traced model."""
 
 import asyncio
 import random
@@ -12,8 +12,10 @@ from imagegen import make_image
 from torch import nn
 
 from app import serving
+from app.images import to_model_input
 from app.metrics import Metrics
-from app.serving import ModelServer, ServedModel, resize_to, top_predictions
+from app.model import build_model
+from app.serving import ModelServer, ServedModel, forward, resize_to, serving_model, top_predictions
 from app.settings import Settings
 from app.stores import Stores
 
@@ -59,3 +61,18 @@ def test_a_request_of_many_images_leaves_decode_threads_to_the_requests_after_it
         assert asyncio.run(big_then_small()) <= 2
     finally:
         server.close()
+
+
+def test_the_served_cpu_model_is_traced_and_answers_as_the_eager_one():
+    torch.manual_seed(0)
+    eager = build_model("resnet18", 3).eval()
+    for m in eager.modules():  # batch norm statistics away from the identity, so folding them is tested
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    pixels = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    device = torch.device("cpu")
+    served = ServedModel(1, ["a", "b", "c"], 32, serving_model(eager, device, 32), device)
+    assert isinstance(served.model, torch.jit.ScriptModule)
+    expected = torch.softmax(eager(to_model_input(pixels, device)), dim=1)
+    assert torch.allclose(forward(served, pixels), expected, atol=1e-4)
