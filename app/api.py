@@ -77,8 +77,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # tens of milliseconds that every request in flight waits out (bench/predict.py: p99 of
     # /predict at concurrency 32 about halved when frozen).
     gc.freeze()
+    state.server.start()
     tasks = [
-        asyncio.create_task(state.server.run_batches(), name="batcher"),
         asyncio.create_task(poll(state.server, state.queue, state.stores, state.settings.poll_interval_s), name="poller"),
     ]
     if state.settings.labelstudio_url:

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
+import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from dataclasses import dataclass
 
 import torch
@@ -113,6 +116,7 @@ class _Request:
     pixels: torch.Tensor
     top_k: int
     answer: asyncio.Future[tuple[int, list[Prediction]]]
+    loop: asyncio.AbstractEventLoop  # the answer's, to be settled from the forward thread
 
 
 class ModelServer:
@@ -129,9 +133,9 @@ class ModelServer:
         self.started_at = time.time()
         self._observed: set[str] = set()  # update sets whose label-to-serve time is recorded
         self._swap_lock = asyncio.Lock()
-        self._queue: asyncio.Queue[_Request] = asyncio.Queue()
+        self._requests: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()  # None: closed
         # One thread runs every forward pass: the model is never used by two batches at once.
-        self._forward_pool = ThreadPoolExecutor(1, thread_name_prefix="forward")
+        self._forward_thread = threading.Thread(target=self.run_batches, name="forward", daemon=True)
         self._decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
 
     # Swapping --------------------------------------------------------------------------------
@@ -226,47 +230,53 @@ class ModelServer:
         return self.current
 
     async def predict(self, pixels: torch.Tensor, top_k: int) -> tuple[int, list[Prediction]]:
-        """Queue a request's images for the batcher; returns the answering version and predictions."""
-        answer = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Request(pixels, top_k, answer))
+        """Queue a request's images for the forward thread; returns the answering version and predictions."""
+        loop = asyncio.get_running_loop()
+        answer = loop.create_future()
+        self._requests.put(_Request(pixels, top_k, answer, loop))
         return await answer
 
-    async def run_batches(self) -> None:
-        """The batcher: forever take queued requests, up to max_batch_size images, and run them as one batch."""
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = await self.gather_batch()
+    def start(self) -> None:
+        self._forward_thread.start()
+
+    def run_batches(self) -> None:
+        """The forward thread: forever take queued requests, up to max_batch_size images, and run
+        them as one batch. It takes the next batch itself as soon as one ends, rather than waiting
+        for the event loop to hand it one: the loop is busiest just then, answering the batch
+        that ended and reading the requests that follow (bench/predict.py)."""
+        while (batch := self.gather_batch()) is not None:
             served = self.current
             try:
                 if served is None:  # requests need a model to be prepared, so only after a failed start
                     raise NoModel("no model loaded")
-                probs = await loop.run_in_executor(
-                    self._forward_pool, self.forward_batch, served, torch.cat([resize_to(r.pixels, served.image_size) for r in batch])
-                )
+                probs = self.forward_batch(served, torch.cat([resize_to(r.pixels, served.image_size) for r in batch]))
+                lo, answers = 0, []
+                for r in batch:
+                    answers.append((served.version, top_predictions(probs[lo : lo + len(r.pixels)], served.classes, r.top_k)))
+                    lo += len(r.pixels)
             except Exception as exc:
                 log.exception("forward pass failed")
-                for r in batch:
-                    if not r.answer.done():  # the client may have gone away
-                        r.answer.set_exception(exc)
-                continue
-            lo = 0
-            for r in batch:
-                n = len(r.pixels)
-                if not r.answer.done():
-                    r.answer.set_result((served.version, top_predictions(probs[lo : lo + n], served.classes, r.top_k)))
-                lo += n
+                answers = [exc] * len(batch)
+            for r, answer in zip(batch, answers, strict=True):
+                with suppress(RuntimeError):  # the loop closed: the server is shutting down
+                    r.loop.call_soon_threadsafe(settle, r.answer, answer)
 
-    async def gather_batch(self) -> list[_Request]:
-        batch = [await self._queue.get()]
-        size = len(batch[0].pixels)
+    def gather_batch(self) -> list[_Request] | None:
+        """The next batch: the first queued request (waiting for one), then whatever else is queued
+        up to max_batch_size images, waiting up to max_batch_wait_ms for more; None once closed."""
+        first = self._requests.get()
+        if first is None:
+            return None
+        batch, size = [first], len(first.pixels)
         deadline = time.monotonic() + self.settings.max_batch_wait_ms / 1000
         while size < self.settings.max_batch_size:
+            wait = deadline - time.monotonic()
             try:
-                if self._queue.empty() and time.monotonic() < deadline:
-                    request = await asyncio.wait_for(self._queue.get(), deadline - time.monotonic())
-                else:
-                    request = self._queue.get_nowait()
-            except (asyncio.QueueEmpty, TimeoutError):
+                request = self._requests.get(timeout=wait) if wait > 0 else self._requests.get_nowait()
+            except queue.Empty:
+                break
+            if request is None:
+                self._requests.put(None)  # close after this batch
                 break
             batch.append(request)
             size += len(request.pixels)
@@ -283,5 +293,15 @@ class ModelServer:
         return torch.cat(chunks)
 
     def close(self) -> None:
-        self._forward_pool.shutdown(wait=False, cancel_futures=True)
+        self._requests.put(None)
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def settle(answer: asyncio.Future[tuple[int, list[Prediction]]], outcome: tuple[int, list[Prediction]] | Exception) -> None:
+    """Give a request its answer, on its event loop, unless its client has gone away."""
+    if answer.done():
+        return
+    if isinstance(outcome, Exception):
+        answer.set_exception(outcome)
+    else:
+        answer.set_result(outcome)
