@@ -75,7 +75,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # Everything loaded so far (torch, the app, the model) lives as long as the process: left to
     # the cyclic collector, each full collection walks all of it while holding the GIL, a pause of
     # tens of milliseconds that every request in flight waits out (bench/predict.py: p99 of
-    # /predict at concurrency 32 about halved when frozen).
+    # /predict at concurrency 32 about halved when frozen). Garbage is collected first, so none is frozen.
+    gc.collect()
     gc.freeze()
     state.server.start()
     tasks = [

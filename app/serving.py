@@ -56,7 +56,7 @@ def serving_model(model: nn.Module, device: torch.device, image_size: int) -> nn
 
     On the CPU it is traced and frozen (TorchScript, batch-norm folded into the convolutions):
     a traced forward pass runs without the GIL, where an eager one takes it back between every
-    layer, and the service's event loop and decode threads need the GIL too (bench/predict.py).
+    layer, and the service's event loop and decode threads need the GIL too (bench/gil.py).
     On a GPU, channels-last memory for the bf16 autocast forward.
     """
     model = model.to(device).eval()

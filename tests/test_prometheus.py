@@ -75,13 +75,14 @@ def start_prometheus(tmp_path: Path, target: str) -> tuple[subprocess.Popen, str
 
 
 def wait_for(check, what: str, timeout: float = 60) -> None:
-    """Poll check() until it is true; a Prometheus still starting (connection refused) is not yet."""
+    """Poll check() until it is true; a Prometheus still starting is not yet: connection refused,
+    or a plain-text 503 "Service Unavailable" while its storage opens."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             if check():
                 return
-        except httpx.TransportError:
+        except (httpx.TransportError, json.JSONDecodeError):
             pass
         time.sleep(0.5)
     raise TimeoutError(f"{what} after {timeout} s")
