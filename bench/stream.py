@@ -35,7 +35,8 @@ from app.model import model_from_state, select_device
 from app.samples import Sample
 from app.settings import Settings
 from app.stores import Stores
-from worker.jobs import apply_pending_updates
+from worker.gate import Answers, check_nearest
+from worker.jobs import NEAREST, apply_pending_updates
 from worker.trainer import SampleTensors, evaluate
 
 RESULTS = Path(__file__).parent / "results"
@@ -200,6 +201,7 @@ def summarize(sets: list[PostedSet], outcome: dict) -> dict:
     false_alarms = [s for s in clean if status[s.update_id] == "rejected"]
     served = [s.served_after_s for s in sets if s.served_after_s is not None]
     accuracy = outcome["accuracy"]
+    set_log = set_log_of(sets, final, status)
     return {
         "final_accuracy": statistics.fmean(accuracy.values()),
         "per_class": accuracy,
@@ -215,17 +217,45 @@ def summarize(sets: list[PostedSet], outcome: dict) -> dict:
         "label_to_serve_p50_s": statistics.median(served) if served else None,
         "label_to_serve_p95_s": statistics.quantiles(served, n=20)[-1] if len(served) >= 2 else None,
         "seconds": outcome["seconds"],
-        "set_log": [
-            {
-                "kind": s.kind,
-                "update_id": s.update_id,
-                "labels": s.note or ",".join(sorted(set(s.labels))),
-                "status": status[s.update_id],
-                "attempts": [f"{a['status']}: {a['reason'] or ''}"[:300] for a in final[s.update_id]["attempts"]],
-            }
-            for s in sets
-        ],
+        "set_log": set_log,
+        "first_nearest_check_by_share": first_checks_by_share(set_log),
     }
+
+
+def set_log_of(sets: list[PostedSet], final: dict, status: dict[str, str]) -> list[dict]:
+    """Every set's kind, labels, final status, attempts and what the nearest-mean test read at each."""
+    return [
+        {
+            "kind": s.kind,
+            "update_id": s.update_id,
+            "labels": s.note or ",".join(sorted(set(s.labels))),
+            "status": status[s.update_id],
+            "attempts": [f"{a['status']}: {a['reason'] or ''}"[:300] for a in final[s.update_id]["attempts"]],
+            # where the gate's nearest-mean test found the set's images, at each attempt that read them
+            "nearest_means": [a["metrics"].get(NEAREST, {}).get(s.update_id) for a in final[s.update_id]["attempts"]],
+        }
+        for s in sets
+    ]
+
+
+def first_checks_by_share(set_log: list[dict], shares: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5)) -> dict:
+    """Of the sets whose first label check read the nearest means, how many clean and poisoned
+    ones that check would have refused at each share (the counts it read, judged by the service's
+    rule): what another WARMTUNE_GATE_RELABEL_SHARE would have done at the first check. Later
+    checks depend on what the first one did, so they are left out."""
+    firsts = [(entry["kind"], next((c for c in entry["nearest_means"] if c is not None), None)) for entry in set_log]
+    firsts = [(kind == "poisoned", counts) for kind, counts in firsts if counts]
+    sweep = {"clean_checked": sum(not p for p, _ in firsts), "poisoned_checked": sum(p for p, _ in firsts)}
+    for share in shares:
+        refused = [p for p, counts in firsts if not check_nearest(answers_of(counts), share).passed]
+        sweep[f"{share:g}"] = {"clean_refused": refused.count(False), "poisoned_refused": refused.count(True)}
+    return sweep
+
+
+def answers_of(counts: dict[str, dict[str, int]]) -> Answers:
+    """Nearest-mean counts (by label, then by class) back as the answers they count."""
+    pairs = [(label, nearest) for label, by_class in counts.items() for nearest, n in by_class.items() for _ in range(n)]
+    return Answers(tuple(t for t, _ in pairs), tuple(p for _, p in pairs))
 
 
 def print_run(name: str, r: dict) -> None:
@@ -237,6 +267,11 @@ def print_run(name: str, r: dict) -> None:
     )
     if r["poisoned_sets"]:
         print(f"  gate on {r['poisoned_sets']} poisoned sets: precision {r['gate_precision']}, recall {r['gate_recall']}")
+    sweep = r["first_nearest_check_by_share"]
+    print(
+        f"  first nearest-mean checks ({sweep['clean_checked']} clean sets, {sweep['poisoned_checked']} poisoned) refused at share "
+        + ", ".join(f"{k}: {v['clean_refused']} clean, {v['poisoned_refused']} poisoned" for k, v in sweep.items() if isinstance(v, dict))
+    )
     p50, p95 = r["label_to_serve_p50_s"], r["label_to_serve_p95_s"]
     print(f"  label-to-serve p50 {p50 and f'{p50:.1f}'} s, p95 {p95 and f'{p95:.1f}'} s; whole run {r['seconds']:.0f} s")
 

@@ -233,6 +233,7 @@ def test_images_nearest_another_class_are_refused_and_images_nearest_their_own_p
     slip = check_nearest(nearest_means(features((TSHIRT, 9), (SHIRT, 1)), ["Shirt"] * 10, means), share=0.2)
     assert not slip.passed and slip.check == "nearest"
     assert "1 lie nearest the stored images of 'Shirt' and 9 nearest those of 'T-shirt'" in slip.reason
+    assert slip.nearest == {"Shirt": {"T-shirt": 9, "Shirt": 1}}
     # a clean set of a weakly learned class: 3 of 10 nearest their own mean is above the share
     assert check_nearest(nearest_means(features((SHIRT, 3), (TSHIRT, 7)), ["Shirt"] * 10, means), share=0.2).passed
     assert check_nearest(
@@ -259,5 +260,6 @@ def test_the_nearest_mean_test_skips_new_classes_young_classes_and_labels_with_f
     )
     assert answers.true == ("Shirt",) * 4  # only labels with a mean are read
     assert check_nearest(answers, share=0.2).passed  # and fewer than 5 images of a label are not judged
+    assert check_nearest(answers, share=0.2).nearest == {}
     assert not judged_by_nearest(labels[:10] + labels[20:], ["Shirt", "Bag"])  # so such a step reads no stored image
     assert judged_by_nearest(labels, ["Shirt", "Bag"])

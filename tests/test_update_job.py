@@ -13,7 +13,7 @@ from app.model import build_model
 from app.snapshots import SnapshotMeta
 from app.stores import Attempt, Stores
 from worker.gate import Answers
-from worker.jobs import RECORD, apply_pending_updates, known_answers, relabel_factor, weak_classes
+from worker.jobs import NEAREST, RECORD, apply_pending_updates, known_answers, nearest_share, relabel_factor, weak_classes
 from worker.trainer import TrainStats
 
 
@@ -90,6 +90,11 @@ def test_images_that_lie_nearest_another_known_class_are_refused_by_where_they_l
     assert refused.status == "rejected" and refused.metrics["refused_by"] == "nearest"
     assert "images labelled 'red'" in refused.reason and "nearest those of 'green'" in refused.reason, refused.reason
     assert results[clean].status == "applied"
+    # both checks keep the counts they read, the passing one in the version that applied the set
+    slip_counts, clean_counts = refused.metrics[NEAREST][slip]["red"], results[clean].metrics[NEAREST][clean]["red"]
+    assert slip_counts.get("green", 0) > slip_counts.get("red", 0) and sum(slip_counts.values()) == 20
+    assert clean_counts.get("red", 0) > clean_counts.get("green", 0) and sum(clean_counts.values()) == 20
+    assert stores.status(clean).attempts[-1].metrics[NEAREST][clean]["red"] == clean_counts  # as GET /updates/{id} shows it
 
 
 def test_without_the_label_check_the_candidate_that_forgets_old_classes_is_refused(make_settings):
@@ -270,6 +275,18 @@ def test_a_set_the_relabel_test_refused_must_be_explained_by_its_label_when_reco
     # refused by the relabel test once, later by the check after training: still judged at 1
     assert relabel_factor(settings, [refused, by_itself, forgot, by_itself]) == 1.0
     assert relabel_factor(settings.model_copy(update={"gate_relabel_factor": 0.0}), [refused, by_itself]) == 0.0
+
+
+def test_a_set_the_nearest_mean_test_refused_needs_half_its_images_nearest_its_label_when_reconsidered(settings):
+    refused = Attempt("rejected", 1.0, 3, "labels contradict", {"refused_by": "nearest"})
+    by_relabel = Attempt("rejected", 1.0, 3, "labels contradict", {"refused_by": "relabel"})
+    by_itself = Attempt("requeued", 2.0, 4, "reconsidered", {"automatic": True})
+    by_request = Attempt("requeued", 2.0, 4, "retried on request", {"automatic": False})
+    assert nearest_share(settings, []) == settings.gate_relabel_share == 0.2
+    assert nearest_share(settings, [refused, by_itself]) == 0.5  # hysteresis
+    assert nearest_share(settings, [refused, by_request]) == 0.2  # an annotator's call is judged like a new set
+    assert nearest_share(settings, [by_relabel, by_itself]) == 0.2
+    assert nearest_share(settings.model_copy(update={"gate_relabel_share": 0.0}), [refused, by_itself]) == 0.0
 
 
 def test_a_step_retrains_on_the_whole_memory_once_it_has_grown_by_the_factor(settings):

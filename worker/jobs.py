@@ -26,6 +26,7 @@ from app.snapshots import AttemptRecord, SnapshotMeta
 from app.stores import Attempt, Stores, attempt_of
 from worker.gate import (
     NEAREST_MIN_REFERENCE,
+    NEAREST_RECONSIDERED_SHARE,
     Answers,
     Verdict,
     check_labels,
@@ -51,6 +52,9 @@ log = logging.getLogger(__name__)
 
 # The metrics key of a version's answers on its sets' images before training on them.
 RECORD = "answers_before_training"
+# The metrics key of gate check 1's nearest-mean counts, by set and label: where each judged
+# label's images lay among the stored images' class means (GET /updates/{id} shows it).
+NEAREST = "nearest_means"
 
 # A whole-memory training for weak classes waits until the memory has grown by this factor since
 # the last one: a class that stays weak (a look-alike even joint training confuses) costs a
@@ -198,6 +202,13 @@ def per_class(outcomes: Answers) -> dict[str, float]:
     return recall
 
 
+def reconsidered_after(attempts: list[Attempt], check: str) -> bool:
+    """Whether a set is now reconsidered by itself (not retried by an annotator) after this label
+    test refused it at some attempt."""
+    reconsidered = bool(attempts) and attempts[-1].status == "requeued" and bool(attempts[-1].metrics.get("automatic"))
+    return reconsidered and any(a.status == "rejected" and a.metrics.get("refused_by") == check for a in attempts)
+
+
 def relabel_factor(settings: Settings, attempts: list[Attempt]) -> float:
     """The relabel test's threshold for a set. A set the relabel test ever refused and that is now
     reconsidered by itself must be explained by its label at least as well as by any other class
@@ -205,10 +216,17 @@ def relabel_factor(settings: Settings, attempts: list[Attempt]) -> float:
     refused set gets up to WARMTUNE_RETRY_AUTO_MAX more draws, and in the stream benchmark two
     poisoned sets (shirts labelled T-shirt/top, pullovers labelled Coat) passed on one of them.
     An annotator's retry is judged like a new set."""
-    reconsidered = bool(attempts) and attempts[-1].status == "requeued" and bool(attempts[-1].metrics.get("automatic"))
-    if reconsidered and any(a.status == "rejected" and a.metrics.get("refused_by") == "relabel" for a in attempts):
+    if reconsidered_after(attempts, "relabel"):
         return min(settings.gate_relabel_factor, 1.0)
     return settings.gate_relabel_factor
+
+
+def nearest_share(settings: Settings, attempts: list[Attempt]) -> float:
+    """The nearest-mean test's share for a set: NEAREST_RECONSIDERED_SHARE for a set it refused that
+    is now reconsidered by itself (the same hysteresis as relabel_factor's), else the setting."""
+    if settings.gate_relabel_share > 0 and reconsidered_after(attempts, "nearest"):
+        return max(settings.gate_relabel_share, NEAREST_RECONSIDERED_SHARE)
+    return settings.gate_relabel_share
 
 
 def screen_labels(
@@ -216,28 +234,30 @@ def screen_labels(
     known: Answers,
     sets: list[SetTensors],
     classes: list[str],
-    factors: dict[str, float],
+    thresholds: dict[str, tuple[float, float]],
     settings: Settings,
     device: torch.device,
     means: dict[str, torch.Tensor],
-) -> tuple[list[SetTensors], list[tuple[SetTensors, Verdict]], dict[str, dict[str, int]]]:
+) -> tuple[list[tuple[SetTensors, Verdict]], list[tuple[SetTensors, Verdict]], dict[str, dict[str, int]]]:
     """Split the sets into those whose labels the current version can accept and those it refuses
-    (gate check 1), each set with its relabel threshold from factors and the mean features of the
-    stored images of each known class; with the version's answers on the accepted sets' images
-    of known classes, by label (the record later label checks read)."""
+    (gate check 1, each verdict with the nearest-mean counts it read), each set with its relabel
+    factor and nearest-mean share from thresholds and the mean features of the stored images of
+    each known class; with the version's answers on the accepted sets' images of known classes,
+    by label (the record later label checks read)."""
     accepted, refused = [], []
     record: dict[str, Counter[str]] = {}
     for s in sets:
         images = SampleTensors.join([s.train, s.holdout])
         logits, features = predict_features(model, images, device)
         answers = Answers.of(logits, images.labels, classes)
-        verdict = check_labels(known, answers, settings.gate_label_alpha, factors[s.update.update_id])
-        if verdict.passed and settings.gate_relabel_share > 0:
-            verdict = check_nearest(nearest_means(features, images.labels, means), settings.gate_relabel_share)
+        factor, share = thresholds[s.update.update_id]
+        verdict = check_labels(known, answers, settings.gate_label_alpha, factor)
+        if verdict.passed and share > 0:
+            verdict = check_nearest(nearest_means(features, images.labels, means), share)
         if not verdict.passed:
             refused.append((s, verdict))
             continue
-        accepted.append(s)
+        accepted.append((s, verdict))
         for t, p in zip(answers.true, answers.predicted, strict=True):
             if t in classes:
                 record.setdefault(t, Counter())[p] += 1
@@ -285,6 +305,7 @@ class Step:
     new_classes: list[str] = field(default_factory=list)
     new_train: SampleTensors | None = None
     new_holdout: SampleTensors | None = None
+    nearest: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)  # gate check 1's counts, by set
 
     @property
     def classes(self) -> list[str]:
@@ -360,7 +381,7 @@ def check_labels_of_sets(settings: Settings, stores: Stores, step: Step) -> tupl
     if step.parent is None:
         return [], {}
     step.before = Answers.of(predict_logits(step.model, step.old_holdout, step.device), step.old_holdout.labels, step.old_classes)
-    step.sets, refused, record = refuse_contradicting_sets(
+    step.sets, refused, record, step.nearest = refuse_contradicting_sets(
         settings, stores, step.model, step.parent, step.before, step.sets, step.device, step.old_train
     )
     return refused, record
@@ -467,6 +488,7 @@ def step_metrics(settings: Settings, step: Step, candidate: Candidate, holdout_b
         "holdout_before": holdout_before,
         **candidate.holdout_after,
         "gate": candidate.verdict.reason,
+        NEAREST: step.nearest,
         "load_seconds": step.load_seconds,
         "train_seconds": stats.seconds,
         "evaluate_seconds": candidate.evaluate_seconds,
@@ -482,21 +504,29 @@ def refuse_contradicting_sets(
     sets: list[SetTensors],
     device: torch.device,
     memory: SampleTensors,
-) -> tuple[list[SetTensors], list[Attempt], dict[str, dict[str, int]]]:
+) -> tuple[list[SetTensors], list[Attempt], dict[str, dict[str, int]], dict[str, dict[str, dict[str, int]]]]:
     """Gate check 1 against what the current version answers for each known class: the sets it
-    accepts, the refusals recorded, and its answers on the accepted sets (the record)."""
+    accepts, the refusals recorded, its answers on the accepted sets (the record), and the
+    nearest-mean counts of the accepted sets that test read, by set."""
     known = known_answers(before, stores.snapshots.ancestors(parent.version), parent.classes, settings.gate_holdout_per_class)
     history = stores.history()
-    factors = {s.update.update_id: relabel_factor(settings, history.get(s.update.update_id, [])) for s in sets}
+    thresholds = {
+        s.update.update_id: (relabel_factor(settings, attempts), nearest_share(settings, attempts))
+        for s in sets
+        for attempts in [history.get(s.update.update_id, [])]
+    }
     judged = any(judged_by_nearest(s.update.labels, parent.classes) for s in sets)
     means = stored_means(settings, model, memory, device) if judged else {}
-    accepted, refused, record = screen_labels(model, known, sets, parent.classes, factors, settings, device, means)
+    accepted, refused, record = screen_labels(model, known, sets, parent.classes, thresholds, settings, device, means)
     results = []
     for s, verdict in refused:
         log.warning("rejected update set %s before training: %s", s.update.update_id, verdict.reason)
         metrics = {"gate": verdict.reason, "refused_by": verdict.check, "warm_start_from": parent.version}
+        if verdict.nearest is not None:
+            metrics[NEAREST] = {s.update.update_id: verdict.nearest}
         results.append(record_attempt(stores, [s.update], "rejected", verdict.reason, metrics))
-    return accepted, results, record
+    nearest = {s.update.update_id: v.nearest for s, v in accepted if v.nearest}
+    return [s for s, _ in accepted], results, record, nearest
 
 
 def stored_means(settings: Settings, model: nn.Module, memory: SampleTensors, device: torch.device) -> dict[str, torch.Tensor]:
