@@ -12,6 +12,7 @@ and the wall-clock latency seen by a client on the same machine.
 
     python -m bench.history --sizes 10:100 100:1000 1000:10000
     python -m bench.history --steps 300
+    python -m bench.history --steps 1000 --set consolidate_growth=0   # the paper's step only
 """
 
 from __future__ import annotations
@@ -144,8 +145,8 @@ def rss_mb() -> float:
     return float("nan")
 
 
-def run_steps(steps: int, set_size: int, out: Path) -> list[dict]:
-    """N update steps of set_size images; one row per step."""
+def run_steps(steps: int, set_size: int, out: Path, extra: dict[str, str]) -> list[dict]:
+    """N update steps of set_size images, with these settings besides the defaults; one row per step."""
     from app.datasets import fashion_mnist
     from worker.jobs import apply_pending_updates
 
@@ -153,7 +154,7 @@ def run_steps(steps: int, set_size: int, out: Path) -> list[dict]:
     rng = random.Random(0)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        settings = Settings(home=Path(tmp) / "home", arch="resnet18", image_size=32, device="cpu", seed=0)
+        settings = Settings(home=Path(tmp) / "home", arch="resnet18", image_size=32, device="cpu", seed=0, **extra)
         stores = Stores(settings)
         stores.samples.add([i for c in data.classes for i in data.take(c, 20, rng)], [c for c in data.classes for _ in range(20)])
         apply_pending_updates(settings)  # version 1: every class, so later steps add no class
@@ -175,11 +176,12 @@ def run_steps(steps: int, set_size: int, out: Path) -> list[dict]:
                     "rss_mb": rss_mb(),
                     "disk_mb": disk_bytes(settings.home) / 1e6,
                     "samples_old": m.get("samples_old"),
+                    "consolidated": bool(m.get("consolidated")),
                 }
             )
             if step % 10 == 0:
                 print(json.dumps(rows[-1]), flush=True)
-                out.write_text(json.dumps({"set_size": set_size, "rows": rows}, indent=1))
+                out.write_text(json.dumps({"set_size": set_size, "settings": extra, "rows": rows}, indent=1))
     return rows
 
 
@@ -210,10 +212,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--steps", type=int, default=0, help="run this many update steps instead of the lookups")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="another setting for --steps")
     args = parser.parse_args(argv)
     if args.steps:
         out = args.out or RESULTS / "history-steps.json"
-        rows = run_steps(args.steps, 10, out)
+        rows = run_steps(args.steps, 10, out, dict(kv.split("=", 1) for kv in args.set))
         plot_steps(rows, out.with_suffix(".png"))
         return rows
     args.out = args.out or RESULTS / "history-lookups.json"
