@@ -117,9 +117,15 @@ def normalize(pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch
     return (pixels.to(dtype) / 255 - mean) / std
 
 
-def to_model_input(pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 pixels onto the device (pinned and asynchronous on CUDA), normalised there."""
+def to_device(pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 pixels onto the device: pinned and asynchronous on CUDA."""
     if device.type == "cuda":
-        pixels = pixels.pin_memory().to(device, non_blocking=True)
-        return normalize(pixels).contiguous(memory_format=torch.channels_last)
+        return pixels.pin_memory().to(device, non_blocking=True)
+    return pixels
+
+
+def to_model_input(pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 pixels onto the device, normalised there (channels-last on CUDA)."""
+    if device.type == "cuda":
+        return normalize(to_device(pixels, device)).contiguous(memory_format=torch.channels_last)
     return normalize(pixels)

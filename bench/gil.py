@@ -13,9 +13,8 @@ import time
 
 import torch
 
-from app.images import to_model_input
 from app.model import build_model
-from app.serving import serving_model
+from app.serving import Classifier, serving_model
 
 
 def forwards_beside_python(model: torch.nn.Module, x: torch.Tensor, seconds: float) -> tuple[float, float]:
@@ -53,9 +52,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     device = torch.device("cpu")
-    eager = build_model(args.arch, 10).eval()
-    x = to_model_input(torch.zeros(args.batch, 3, args.image_size, args.image_size, dtype=torch.uint8), device)
-    for name, model in (("eager", eager), ("traced", serving_model(eager, device, args.image_size))):
+    network = build_model(args.arch, 10).eval()
+    x = torch.zeros(args.batch, 3, args.image_size, args.image_size, dtype=torch.uint8)
+    eager = Classifier(network, channels_last=False).eval()
+    for name, model in (("eager", eager), ("traced", serving_model(network, device, args.image_size))):
         rate, python_share = forwards_beside_python(model, x, args.seconds)
         print(
             f"{args.arch} at {args.image_size} px, batch {args.batch}, {name}: {rate:.1f} forward passes/s beside a Python "
