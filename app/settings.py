@@ -155,6 +155,12 @@ class Settings(BaseSettings):
         4, ge=1, description="Images decoded at once: threads for /predict, and as many again for validating /updates."
     )
     max_top_k: int = Field(100, ge=1, description="Largest top_k a client may ask for.")
+    gil_switch_interval_ms: float = Field(
+        0.2,
+        gt=0,
+        description="How long the event loop may hold the GIL while the forward thread waits for it (the "
+        "interpreter's switch interval; Python's default is 5 ms). Set by `warmtune serve` for its process.",
+    )
 
     # Auth
     api_keys: dict[str, list[Role]] = Field(

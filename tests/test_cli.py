@@ -62,3 +62,23 @@ def test_ingest_and_update_learn_fashion_mnist(tmp_path):
     assert [a.status for a in stores.status(slip.update_id).attempts] == ["rejected", "requeued", "rejected"]
     applied = stores.snapshots.meta(1).update_ids[0]
     assert "is applied; only rejected, failed, orphaned sets can be retried" in warmtune("retry", applied, env=env, code=2)
+
+
+def test_serve_sets_the_gil_switch_interval_before_the_server_starts(tmp_path, monkeypatch):
+    import uvicorn
+
+    from app.cli import main
+    from app.settings import get_settings
+
+    seen = []
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: seen.append(sys.getswitchinterval()))
+    monkeypatch.setenv("WARMTUNE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("WARMTUNE_GIL_SWITCH_INTERVAL_MS", "0.5")
+    default = sys.getswitchinterval()
+    get_settings.cache_clear()  # read the environment above, not an earlier test's
+    try:
+        assert main(["serve", "--port", "1"]) == 0
+    finally:
+        sys.setswitchinterval(default)
+        get_settings.cache_clear()
+    assert seen == [0.0005]
