@@ -239,10 +239,10 @@ def set_log_of(sets: list[PostedSet], final: dict, status: dict[str, str]) -> li
 
 
 def first_checks_by_share(set_log: list[dict], shares: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5)) -> dict:
-    """Of the sets whose first label check read the nearest means, how many clean and poisoned
-    ones that check would have refused at each share (the counts it read, judged by the service's
-    rule): what another WARMTUNE_GATE_RELABEL_SHARE would have done at the first check. Later
-    checks depend on what the first one did, so they are left out."""
+    """Of the sets the nearest-mean test read, how many clean and poisoned ones the first check
+    that read them would have refused at each share (the counts it read, judged by the service's
+    rule): what another WARMTUNE_GATE_RELABEL_SHARE would have done there. Later checks depend on
+    what the first one did, so they are left out."""
     firsts = [(entry["kind"], next((c for c in entry["nearest_means"] if c is not None), None)) for entry in set_log]
     firsts = [(kind == "poisoned", counts) for kind, counts in firsts if counts]
     sweep = {"clean_checked": sum(not p for p, _ in firsts), "poisoned_checked": sum(p for p, _ in firsts)}
