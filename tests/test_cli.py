@@ -66,12 +66,14 @@ def test_ingest_and_update_learn_fashion_mnist(tmp_path):
 
 def test_serve_sets_the_gil_switch_interval_before_the_server_starts(tmp_path, monkeypatch):
     import uvicorn
+    from PIL import Image
 
     from app.cli import main
     from app.settings import get_settings
 
     seen = []
     monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: seen.append(sys.getswitchinterval()))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # serve sets it too; restored after
     monkeypatch.setenv("WARMTUNE_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("WARMTUNE_GIL_SWITCH_INTERVAL_MS", "0.5")
     default = sys.getswitchinterval()
