@@ -140,7 +140,9 @@ def cmd_experiment(args: argparse.Namespace, settings: Settings) -> int:
         protocol = replace(protocol, **QUICK)
     given = {k: v for k, v in vars(args).items() if k in Protocol.__dataclass_fields__ and v is not None}
     protocol = replace(protocol, **given)
-    studies = list(STUDIES) if args.study == "all" else [args.study]
+    studies = list(STUDIES) if args.study == "all" else args.study.split(",")
+    if unknown := [s for s in studies if s not in STUDIES]:
+        raise SystemExit(f"unknown study {', '.join(unknown)}: choose from all, {', '.join(STUDIES)}")
     run_experiment(load_source(args.data, "train"), load_source(args.data, "test"), protocol, studies, args.out)
     print(f"wrote {args.out}/results.csv, results.md and {', '.join(s + '.png' for s in studies)}")
     return 0
@@ -216,8 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="the benchmark's own flags")
 
     exp = sub.add_parser("experiment", help="reproduce the paper's studies on Fashion-MNIST (or an image folder)")
-    exp.add_argument("--study", default="all", choices=["all", "iterations", "lambda", "noise", "gate", "head", "baselines"])
-    exp.add_argument("--repeats", type=int, default=None, help="repetitions (default 3; 1 with --quick)")
+    exp.add_argument("--study", default="all", help="all, or studies separated by commas (iterations,lambda,batchnorm,...)")
+    exp.add_argument("--repeats", type=int, default=None, help="repetitions (default 5; 1 with --quick)")
     exp.add_argument("--arch", default="resnet18")
     exp.add_argument("--image-size", type=int, default=32)
     exp.add_argument("--quick", action="store_true", help="1 repetition, fewer images: under 20 minutes on 2 cores")

@@ -47,6 +47,12 @@ class Settings(BaseSettings):
         "update-size",
         description="SGD iterations per update: update-size (|U_t|), epochs:<fraction> of D_t, or a number.",
     )
+    finetune_batchnorm: Literal["train", "frozen"] = Field(
+        "train",
+        description="BatchNorm in the short fine-tune: train (running statistics follow each batch, torch's train mode) or "
+        "frozen (the statistics of the version it starts from are kept; its scale and shift still train). The first "
+        "version and a consolidation always train them. No effect on networks without BatchNorm (AlexNet).",
+    )
     bootstrap_max_epochs: int = Field(100, ge=1, description="Most epochs the first version trains for.")
     bootstrap_patience: int = Field(10, ge=1, description="The first version stops after this many epochs without a lower holdout loss.")
     consolidate_growth: float = Field(

@@ -10,7 +10,7 @@ from pathlib import Path
 from imagegen import image_tree
 
 from app.datasets import image_folder
-from worker.experiment import STUDIES, Protocol, Row, corrupt, largest_served_drop, run_experiment
+from worker.experiment import STUDIES, Protocol, Row, corrupt, largest_served_drop, paired_difference, reference_setting, run_experiment
 
 TINY = Protocol(
     arch="resnet18",
@@ -55,9 +55,18 @@ def test_experiment_writes_consistent_csv_plots_and_table(tmp_path: Path):
             final = [float(r["accuracy"]) for r in rows if r["study"] == study and r["setting"] == setting.name and r["step"] == str(steps)]
             line = next(row for row in table.splitlines() if row.startswith(f"| {setting.name} |"))
             assert re.search(rf"\| {statistics.fmean(final):.3f} ± {statistics.stdev(final):.3f} \|", line), line
-    gate_on = next(row for row in table.splitlines() if row.startswith("| 30% noise, gate on |"))
-    rejected = sum(r["status"] == "rejected" for r in rows if r["setting"] == "30% noise, gate on") / TINY.repeats
-    assert f"{rejected:.1f} of {steps} |" in gate_on
+    lines = table.splitlines()
+    gate_on = lines.index(next(row for row in lines if row.startswith("| 30% noise, gate on |")))
+    rejected = [
+        sum(r["status"] == "rejected" for r in rows if r["setting"] == "30% noise, gate on" and r["repeat"] == str(k)) for k in range(2)
+    ]
+    assert lines[gate_on].endswith(f" {statistics.fmean(rejected):.3f} ± {statistics.stdev(rejected):.3f} |")
+    # beside it, paired with gate off (the study's reference: the noise setting without the gate)
+    off = [
+        sum(r["status"] == "rejected" for r in rows if r["setting"] == "30% noise, gate off" and r["repeat"] == str(k)) for k in range(2)
+    ]
+    assert lines[gate_on + 1].startswith("| paired difference |")
+    assert lines[gate_on + 1].endswith(f" | {paired_difference(rejected, off)} |")
 
 
 def test_label_noise_takes_fresh_images_for_every_set_of_a_class():
@@ -71,7 +80,16 @@ def test_label_noise_takes_fresh_images_for_every_set_of_a_class():
 def test_the_largest_drop_counts_every_step_on_the_initial_classes():
     def row(step: int, initial: float, version: int, status: str) -> Row:
         # accuracy on the classes known so far falls as classes are added; the initial classes stay fixed
-        return Row("gate", "s", 0, step, "c", 2 + step, 0.9 - 0.1 * step, initial, version, status, 0, 0.0)
+        return Row("gate", "s", 0, step, "c", 2 + step, 0.9 - 0.1 * step, initial, None, version, status, 0, 0.0)
 
     run = [row(0, 0.9, 1, "initial"), row(1, 0.8, 2, "applied"), row(2, 0.8, 2, "rejected"), row(3, 0.5, 3, "applied")]
     assert abs(largest_served_drop(run) - 0.3) < 1e-9  # version 2 -> 3 on the initial classes
+
+
+def test_settings_are_compared_with_the_service_defaults_paired_by_repetition():
+    assert reference_setting("lambda").replay_lambda == 0.75
+    assert reference_setting("iterations").iterations == "update-size"
+    assert reference_setting("batchnorm-naive").name == "λ = 0, BatchNorm trained"  # no defaults there: the first
+    # differences 0.02, 0.04, 0.06: mean 0.04, sample SD 0.02, t(2) = 4.303, half-width 4.303 * 0.02 / sqrt(3)
+    assert paired_difference([0.52, 0.54, 0.56], [0.5, 0.5, 0.5]) == "+0.040 (-0.010 to +0.090)"
+    assert paired_difference([0.4], [0.5]) == "-0.100"

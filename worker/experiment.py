@@ -18,12 +18,14 @@ from __future__ import annotations
 import csv
 import itertools
 import logging
+import math
 import random
 import shutil
 import statistics
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -52,12 +54,16 @@ class Setting:
     noise: float = 0.0
     gate: bool = False
     head_init: str = Settings.model_fields["head_init"].default
+    batchnorm: str = Settings.model_fields["finetune_batchnorm"].default
     joint: bool = False
 
     @property
     def run_key(self) -> tuple:
         """Settings with the same key are the same run, computed once and reported in every study."""
-        return (self.iterations, self.replay_lambda, self.noise, self.gate, self.head_init, self.joint)
+        return (self.iterations, self.replay_lambda, self.noise, self.gate, self.head_init, self.batchnorm, self.joint)
+
+
+DEFAULT = Setting("the service's defaults")
 
 
 STUDIES: dict[str, list[Setting]] = {
@@ -77,6 +83,13 @@ STUDIES: dict[str, list[Setting]] = {
         Setting("λ = 0.75, update-size iterations (default)"),
         Setting("λ = 0, naive fine-tuning (lower bound)", replay_lambda=0.0),
     ],
+    # Does BatchNorm refitted to the fine-tune's batches (one class only at λ = 0) cost the old
+    # classes, apart from what training the weights on those batches costs?
+    "batchnorm": [Setting("λ = 0.75, BatchNorm trained (default)"), Setting("λ = 0.75, BatchNorm frozen", batchnorm="frozen")],
+    "batchnorm-naive": [
+        Setting("λ = 0, BatchNorm trained", replay_lambda=0.0),
+        Setting("λ = 0, BatchNorm frozen", replay_lambda=0.0, batchnorm="frozen"),
+    ],
 }
 
 
@@ -84,7 +97,7 @@ STUDIES: dict[str, list[Setting]] = {
 class Protocol:
     arch: str = "resnet18"
     image_size: int = 32
-    repeats: int = 3
+    repeats: int = 5
     initial_classes: int = 5
     new_classes: int = 5
     initial_per_class: int = 200
@@ -109,6 +122,7 @@ class Row:
     known_classes: int
     accuracy: float
     initial_accuracy: float  # on the initial classes only: the same classes at every step
+    new_accuracy: float | None  # on the new classes introduced so far (none at step 0)
     version: int
     status: str
     iterations: int
@@ -141,6 +155,7 @@ def engine_settings(home: Path, protocol: Protocol, repeat: int, setting: Settin
         iterations=setting.iterations,
         replay_lambda=setting.replay_lambda,
         head_init=setting.head_init,  # type: ignore[arg-type]
+        finetune_batchnorm=setting.batchnorm,  # type: ignore[arg-type]
         retry_auto_max=0,  # one step per set, as in the paper
         consolidate_growth=0,  # the paper's short fine-tune at every step
         bootstrap_max_epochs=protocol.initial_epochs,
@@ -202,7 +217,7 @@ def run_setting(
     """Feed the repetition's update sets one step at a time; one row per step (step 0: the initial version)."""
     device = select_device(protocol.device)
     stores = Stores(engine_settings(home, protocol, repeat, setting))
-    rows = [Row("", setting.name, repeat, 0, "", len(stream.initial), start_accuracy, start_accuracy, 1, "initial", 0, 0.0)]
+    rows = [Row("", setting.name, repeat, 0, "", len(stream.initial), start_accuracy, start_accuracy, None, 1, "initial", 0, 0.0)]
     known = list(stream.initial)
     seen = {"old": len(stream.initial_images), "new": 0}
     for step, (label, images) in enumerate(stream.update_sets, start=1):
@@ -219,6 +234,7 @@ def run_setting(
         seen["old"] += len(images) if result.status == "applied" else 0
         scores = test_accuracy(stores, known, stream.test, device)
         accuracy, initial_accuracy = scores.score() or 0.0, scores.score(stream.initial) or 0.0
+        new_accuracy = scores.score([c for c in known if c not in stream.initial]) or 0.0
         rows.append(
             Row(
                 "",
@@ -229,6 +245,7 @@ def run_setting(
                 len(known),
                 accuracy,
                 initial_accuracy,
+                new_accuracy,
                 stores.snapshots.current(),
                 result.status,
                 result.metrics.get("iterations", 0),
@@ -304,6 +321,19 @@ def curves(rows: list[Row], study: str) -> dict[str, dict[int, list[float]]]:
     return out
 
 
+# Two-sided 95 % quantiles of Student's t by degrees of freedom (past 30, 30's: slightly wide).
+T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131]
+T_975 += [2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def interval_95(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95 % t-interval over repetitions (0 with one value)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, T_975[min(len(values) - 1, len(T_975)) - 1] * statistics.stdev(values) / math.sqrt(len(values))
+
+
 def plot_study(rows: list[Row], study: str, protocol: Protocol, path: Path) -> None:
     import matplotlib
 
@@ -313,15 +343,16 @@ def plot_study(rows: list[Row], study: str, protocol: Protocol, path: Path) -> N
     fig, ax = plt.subplots(figsize=(8, 5))
     for setting, per_step in curves(rows, study).items():
         steps = sorted(per_step)
-        mean = [statistics.fmean(per_step[s]) for s in steps]
-        std = [statistics.stdev(per_step[s]) if len(per_step[s]) > 1 else 0.0 for s in steps]
+        mean, half = zip(*(interval_95(per_step[s]) for s in steps), strict=True)
         ax.plot(steps, mean, label=setting)
-        ax.fill_between(steps, [m - d for m, d in zip(mean, std, strict=True)], [m + d for m, d in zip(mean, std, strict=True)], alpha=0.2)
+        ax.fill_between(
+            steps, [m - h for m, h in zip(mean, half, strict=True)], [m + h for m, h in zip(mean, half, strict=True)], alpha=0.2
+        )
     for k in range(1, protocol.new_classes):
         ax.axvline(k * protocol.sets_per_class + 0.5, color="grey", lw=0.5, ls=":")
     ax.set_xlabel(f"update step (|U_t| = {protocol.set_size}; a new class every {protocol.sets_per_class} steps)")
     ax.set_ylabel("test accuracy on the classes known so far")
-    ax.set_title(f"{study}: {protocol.arch} at {protocol.image_size}px, mean ± sample SD over {protocol.repeats} repetition(s)")
+    ax.set_title(f"{study}: {protocol.arch} at {protocol.image_size}px, mean and 95 % interval over {protocol.repeats} repetition(s)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -336,6 +367,17 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
+def paired_difference(values: list[float], reference: list[float]) -> str:
+    """Mean difference from the reference setting, paired by repetition (same seed, same sets), with its 95 % t-interval."""
+    mean, half = interval_95([v - r for v, r in zip(values, reference, strict=True)])
+    return f"{mean:+.3f} ({mean - half:+.3f} to {mean + half:+.3f})" if half else f"{mean:+.3f}"
+
+
+def reference_setting(study: str) -> Setting:
+    """What a study's settings are compared with: the service's defaults where the study runs them, else its first setting."""
+    return next((s for s in STUDIES[study] if s.run_key == DEFAULT.run_key), STUDIES[study][0])
+
+
 def largest_served_drop(run: list[Row]) -> float:
     """Largest fall of test accuracy on the initial classes (a fixed class set) from one step to
     the next, over all steps: a rejected step serves the same version, so it counts as no drop
@@ -343,6 +385,20 @@ def largest_served_drop(run: list[Row]) -> float:
     where the version changed, which left out exactly the rejected steps."""
     drops = [a.initial_accuracy - b.initial_accuracy for a, b in itertools.pairwise(run)]
     return max(drops, default=0.0)
+
+
+# What the table reports of each run (one per repetition), by column.
+MEASURES: dict[str, Callable[[list[Row]], float]] = {
+    "final accuracy": lambda run: run[-1].accuracy,
+    "mean accuracy": lambda run: statistics.fmean(r.accuracy for r in run[1:]),
+    "initial classes at the end": lambda run: run[-1].initial_accuracy,
+    "new classes at the end": lambda run: run[-1].new_accuracy or 0.0,
+    "iterations per step": lambda run: statistics.fmean(r.iterations for r in run[1:]),
+}
+GATE_MEASURES: dict[str, Callable[[list[Row]], float]] = {
+    "largest drop between served versions": largest_served_drop,
+    "rejected updates": lambda run: sum(r.status == "rejected" for r in run),
+}
 
 
 def results_table(rows: list[Row], studies: list[str], protocol: Protocol, seconds: float) -> str:
@@ -355,24 +411,25 @@ def results_table(rows: list[Row], studies: list[str], protocol: Protocol, secon
         f"{protocol.sets_per_class} update sets of {protocol.set_size}; accuracy on {protocol.eval_per_class} test "
         f"images per known class; {seconds / 60:.0f} minutes.",
         "",
-        "Final: after the last step. Mean: over all update steps, the initial model excluded. Both mean ± sample SD over "
-        "repetitions. Largest drop: of accuracy on the initial classes from one step to the next, over all steps.",
+        "Final and at the end: after the last step. Mean: over all update steps, the initial model excluded. Each as mean ± "
+        "sample SD over repetitions. Below it, for each setting but the study's reference: the difference from the "
+        "reference, paired by repetition (same initial model and update sets), mean and 95 % t-interval. Largest drop: of "
+        "accuracy on the initial classes from one step to the next, over all steps.",
     ]
     for study in studies:
-        lines += ["", f"## {study}", ""]
-        gate = study == "gate"
-        header = "| setting | final accuracy | mean accuracy |" + (
-            " largest drop between served versions | rejected updates |" if gate else ""
-        )
-        lines += [header, "|" + " --- |" * (5 if gate else 3)]
+        reference = reference_setting(study)
+        measures = MEASURES | (GATE_MEASURES if study == "gate" else {})
+        lines += ["", f"## {study}", "", f"Reference: {reference.name}.", ""]
+        lines += ["| setting | " + " | ".join(measures) + " |", "|" + " --- |" * (len(measures) + 1)]
+        by_setting = {
+            s.name: [[r for r in rows if r.study == study and r.setting == s.name and r.repeat == k] for k in range(protocol.repeats)]
+            for s in STUDIES[study]
+        }
         for setting in STUDIES[study]:
-            runs = [[r for r in rows if r.study == study and r.setting == setting.name and r.repeat == k] for k in range(protocol.repeats)]
-            final = [run[-1].accuracy for run in runs]
-            mean = [statistics.fmean(r.accuracy for r in run[1:]) for run in runs]
-            line = f"| {setting.name} | {mean_std(final)} | {mean_std(mean)} |"
-            if gate:
-                drops = [largest_served_drop(run) for run in runs]
-                rejected = [sum(r.status == "rejected" for r in run) for run in runs]
-                line += f" {mean_std(drops)} | {statistics.fmean(rejected):.1f} of {len(runs[0]) - 1} |"
-            lines.append(line)
+            values = {name: [measure(run) for run in by_setting[setting.name]] for name, measure in measures.items()}
+            lines.append(f"| {setting.name} | " + " | ".join(mean_std(v) for v in values.values()) + " |")
+            if setting.name != reference.name:
+                ref = {name: [measure(run) for run in by_setting[reference.name]] for name, measure in measures.items()}
+                diffs = [paired_difference(values[name], ref[name]) for name in measures]
+                lines.append("| paired difference | " + " | ".join(diffs) + " |")
     return "\n".join(lines) + "\n"

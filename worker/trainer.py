@@ -46,6 +46,7 @@ class TrainConfig:
     weight_decay: float
     replay_lambda: float
     log_every: int
+    batchnorm: str = "train"  # "frozen": the short fine-tune keeps BatchNorm's running statistics
 
     @classmethod
     def from_settings(cls, settings: Settings, base_weights: str, iterations: int) -> TrainConfig:
@@ -58,6 +59,7 @@ class TrainConfig:
             weight_decay=settings.weight_decay,
             replay_lambda=settings.replay_lambda,
             log_every=settings.log_every,
+            batchnorm=settings.finetune_batchnorm,
         )
 
 
@@ -140,6 +142,8 @@ def fine_tune(
     """Run cfg.iterations SGD steps over the λ-replay sampler; the model is trained in place."""
     start = time.perf_counter()
     optimizer = prepare_training(model, cfg, device)
+    if cfg.batchnorm == "frozen":
+        freeze_batchnorm_statistics(model)
     sampler = ReplaySampler(len(old), len(new), cfg.replay_lambda, generator)
     losses: list[torch.Tensor] = []
     for it in range(1, cfg.iterations + 1):
@@ -155,6 +159,18 @@ def prepare_training(model: nn.Module, cfg: TrainConfig, device: torch.device) -
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def freeze_batchnorm_statistics(model: nn.Module) -> None:
+    """Normalise with the running statistics the model has and stop updating them.
+
+    A fine-tune batch is mostly the replayed old data but, with λ < 1, its new class is
+    over-represented, and with λ = 0 it is one class only: batch statistics of such batches
+    drift from what the model will see when it serves every class.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
 
 
 def sgd_step(
