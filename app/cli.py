@@ -144,7 +144,7 @@ def cmd_experiment(args: argparse.Namespace, settings: Settings) -> int:
     if unknown := [s for s in studies if s not in STUDIES]:
         raise SystemExit(f"unknown study {', '.join(unknown)}: choose from all, {', '.join(STUDIES)}")
     run_experiment(load_source(args.data, "train"), load_source(args.data, "test"), protocol, studies, args.out)
-    print(f"wrote {args.out}/results.csv, results.md and {', '.join(s + '.png' for s in studies)}")
+    print(f"wrote {args.out}/results.csv, results.md and {', '.join(s + '.png' for s in studies)} (beside earlier studies there)")
     return 0
 
 

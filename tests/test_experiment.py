@@ -5,11 +5,14 @@ from __future__ import annotations
 import csv
 import re
 import statistics
+from dataclasses import replace
 from pathlib import Path
 
+import pytest
 from imagegen import image_tree
 
 from app.datasets import image_folder
+from app.errors import InvalidParameter
 from worker.experiment import STUDIES, Protocol, Row, corrupt, largest_served_drop, paired_difference, reference_setting, run_experiment
 
 TINY = Protocol(
@@ -67,6 +70,17 @@ def test_experiment_writes_consistent_csv_plots_and_table(tmp_path: Path):
     ]
     assert lines[gate_on + 1].startswith("| paired difference |")
     assert lines[gate_on + 1].endswith(f" | {paired_difference(rejected, off)} |")
+
+    # a later run of another study lands beside these, in one CSV and table
+    before = (out / "results.csv").read_text().splitlines()
+    run_experiment(data, data, replace(TINY, repeats=1), ["head"], out)
+    after = (out / "results.csv").read_text().splitlines()
+    assert after[: len(before)] == before
+    assert {r.split(",")[0] for r in after[1:]} == {"noise", "gate", "head"}
+    table = (out / "results.md").read_text()
+    assert "## gate\n\n2 repetition(s)." in table and "## head\n\n1 repetition(s)." in table
+    with pytest.raises(InvalidParameter, match="another protocol"):
+        run_experiment(data, data, replace(TINY, image_size=20), ["head"], out)
 
 
 def test_label_noise_takes_fresh_images_for_every_set_of_a_class():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import json
 import logging
 import math
 import random
@@ -26,13 +27,14 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from app.datasets import LabelledImages
+from app.errors import InvalidParameter
 from app.model import model_from_state, select_device
 from app.samples import Sample
 from app.settings import Settings
@@ -265,6 +267,7 @@ def run_experiment(train: LabelledImages, test: LabelledImages, protocol: Protoc
         for setting in STUDIES[study]:
             runs.setdefault(setting.run_key, setting)
     steps = protocol.new_classes * protocol.sets_per_class
+    earlier, minutes = earlier_results(out, protocol)
     started = time.time()
     by_key: dict[tuple, list[Row]] = defaultdict(list)
     with (
@@ -286,23 +289,64 @@ def run_experiment(train: LabelledImages, test: LabelledImages, protocol: Protoc
                 by_key[key] += rows
                 bar.write(f"  {setting.name:45} final {rows[-1].accuracy:.3f}")
             # Written after every repetition, so a long run that is cut short still leaves results.
-            rows = write_results(by_key, studies, replace(protocol, repeats=repeat + 1), out, time.time() - started)
+            minutes |= {",".join(studies): round((time.time() - started) / 60, 1)}
+            rows = write_results(by_key, studies, protocol, out, earlier, minutes)
     return rows
 
 
-def write_results(by_key: dict[tuple, list[Row]], studies: list[str], protocol: Protocol, out: Path, seconds: float) -> list[Row]:
+def write_results(
+    by_key: dict[tuple, list[Row]], studies: list[str], protocol: Protocol, out: Path, earlier: list[Row], minutes: dict[str, float]
+) -> list[Row]:
+    """Write this run's studies beside the earlier ones in out (see earlier_results): CSV, table and plots of all."""
     rows = [
         replace(row, study=study, setting=setting.name)
         for study in studies
         for setting in STUDIES[study]
         for row in by_key[setting.run_key]
     ]
+    rows = [r for r in earlier if r.study not in studies] + rows
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "results.csv")
-    for study in studies:
+    (out / "protocol.json").write_text(json.dumps({"protocol": protocol_key(protocol), "minutes": minutes}, indent=1) + "\n")
+    in_csv = [s for s in STUDIES if any(r.study == s for r in rows)]
+    for study in in_csv:
         plot_study(rows, study, protocol, out / f"{study}.png")
-    (out / "results.md").write_text(results_table(rows, studies, protocol, seconds))
+    (out / "results.md").write_text(results_table(rows, in_csv, protocol, minutes))
     return rows
+
+
+def protocol_key(protocol: Protocol) -> dict:
+    """What studies must share to be reported together: everything but the repetitions (each study has its own)."""
+    return {k: v for k, v in asdict(protocol).items() if k != "repeats"}
+
+
+def earlier_results(out: Path, protocol: Protocol) -> tuple[list[Row], dict[str, float]]:
+    """The rows and run times already in out, so that studies can be run one at a time into one CSV.
+
+    Rows of the studies being run again are replaced when this run writes; out must hold results of
+    the same protocol (or none).
+    """
+    if not (out / "results.csv").exists():
+        return [], {}
+    saved = json.loads((out / "protocol.json").read_text()) if (out / "protocol.json").exists() else {}
+    if saved.get("protocol") != protocol_key(protocol):
+        raise InvalidParameter(
+            f"{out} holds results of another protocol ({saved.get('protocol', 'not recorded')}); "
+            f"this run's is {protocol_key(protocol)}: choose another --out"
+        )
+    with open(out / "results.csv", newline="") as f:
+        return [row_from_csv(record) for record in csv.DictReader(f)], saved.get("minutes", {})
+
+
+def row_from_csv(record: dict[str, str]) -> Row:
+    kinds = {f.name: f.type for f in fields(Row)}  # annotations as text: from __future__ import annotations
+    convert: dict[str, Callable[[str], object]] = {
+        "int": int,
+        "float": float,
+        "str": str,
+        "float | None": lambda v: float(v) if v else None,
+    }
+    return Row(**{name: convert[kinds[name]](value) for name, value in record.items()})
 
 
 def write_csv(rows: list[Row], path: Path) -> None:
@@ -352,7 +396,8 @@ def plot_study(rows: list[Row], study: str, protocol: Protocol, path: Path) -> N
         ax.axvline(k * protocol.sets_per_class + 0.5, color="grey", lw=0.5, ls=":")
     ax.set_xlabel(f"update step (|U_t| = {protocol.set_size}; a new class every {protocol.sets_per_class} steps)")
     ax.set_ylabel("test accuracy on the classes known so far")
-    ax.set_title(f"{study}: {protocol.arch} at {protocol.image_size}px, mean and 95 % interval over {protocol.repeats} repetition(s)")
+    repeats = len(repetitions(rows, study))
+    ax.set_title(f"{study}: {protocol.arch} at {protocol.image_size}px, mean and 95 % interval over {repeats} repetition(s)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -401,15 +446,19 @@ GATE_MEASURES: dict[str, Callable[[list[Row]], float]] = {
 }
 
 
-def results_table(rows: list[Row], studies: list[str], protocol: Protocol, seconds: float) -> str:
+def repetitions(rows: list[Row], study: str) -> list[int]:
+    return sorted({r.repeat for r in rows if r.study == study})
+
+
+def results_table(rows: list[Row], studies: list[str], protocol: Protocol, minutes: dict[str, float]) -> str:
     lines = [
         "# Results",
         "",
-        f"{protocol.arch} at {protocol.image_size} px, {protocol.repeats} repetition(s), seed {protocol.seed}; "
+        f"{protocol.arch} at {protocol.image_size} px, seed {protocol.seed}; "
         f"{protocol.initial_classes} initial classes ({protocol.initial_per_class} images each, "
         f"up to {protocol.initial_epochs} epochs), then {protocol.new_classes} new classes in "
         f"{protocol.sets_per_class} update sets of {protocol.set_size}; accuracy on {protocol.eval_per_class} test "
-        f"images per known class; {seconds / 60:.0f} minutes.",
+        f"images per known class. Minutes per run: {', '.join(f'{k} {v:g}' for k, v in minutes.items())}.",
         "",
         "Final and at the end: after the last step. Mean: over all update steps, the initial model excluded. Each as mean ± "
         "sample SD over repetitions. Below it, for each setting but the study's reference: the difference from the "
@@ -419,10 +468,11 @@ def results_table(rows: list[Row], studies: list[str], protocol: Protocol, secon
     for study in studies:
         reference = reference_setting(study)
         measures = MEASURES | (GATE_MEASURES if study == "gate" else {})
-        lines += ["", f"## {study}", "", f"Reference: {reference.name}.", ""]
+        repeats = repetitions(rows, study)
+        lines += ["", f"## {study}", "", f"{len(repeats)} repetition(s). Reference: {reference.name}.", ""]
         lines += ["| setting | " + " | ".join(measures) + " |", "|" + " --- |" * (len(measures) + 1)]
         by_setting = {
-            s.name: [[r for r in rows if r.study == study and r.setting == s.name and r.repeat == k] for k in range(protocol.repeats)]
+            s.name: [[r for r in rows if r.study == study and r.setting == s.name and r.repeat == k] for k in repeats]
             for s in STUDIES[study]
         }
         for setting in STUDIES[study]:
