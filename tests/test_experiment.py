@@ -71,12 +71,22 @@ def test_experiment_writes_consistent_csv_plots_and_table(tmp_path: Path):
     assert lines[gate_on + 1].startswith("| paired difference |")
     assert lines[gate_on + 1].endswith(f" | {paired_difference(rejected, off)} |")
 
-    # a later run of another study lands beside these, in one CSV and table
+    # a later run of another study lands beside these, in one CSV and table; a setting run before
+    # (no noise: the defaults, as head's mean rows) is read back, not run again: marked here to tell
+    marked = [{**r, "accuracy": "0.123" if r["setting"] == "0% noise" else r["accuracy"]} for r in rows]
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(marked)
     before = (out / "results.csv").read_text().splitlines()
     run_experiment(data, data, replace(TINY, repeats=1), ["head"], out)
     after = (out / "results.csv").read_text().splitlines()
     assert after[: len(before)] == before
     assert {r.split(",")[0] for r in after[1:]} == {"noise", "gate", "head"}
+    with open(out / "results.csv") as f:
+        head = [r for r in csv.DictReader(f) if r["study"] == "head"]
+    assert {r["accuracy"] for r in head if r["setting"] == "new rows: mean of old"} == {"0.123"}
+    assert len({r["accuracy"] for r in head if r["setting"] == "new rows: random init"}) > 1
     table = (out / "results.md").read_text()
     assert "## gate\n\n2 repetition(s)." in table and "## head\n\n1 repetition(s)." in table
     with pytest.raises(InvalidParameter, match="another protocol"):

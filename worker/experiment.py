@@ -203,14 +203,16 @@ def test_accuracy(stores: Stores, classes: list[str], test: dict[str, SampleTens
     return evaluate(model, SampleTensors.join([test[c] for c in classes], {c: i for i, c in enumerate(meta.classes)}), device)
 
 
-def initial_version(stream: Stream, protocol: Protocol, repeat: int, home: Path) -> float:
-    """Learn the initial classes from the base weights: version 1, shared by every setting."""
+def initial_version(stream: Stream, protocol: Protocol, repeat: int, home: Path) -> tuple[float, int]:
+    """Learn the initial classes from the base weights: version 1, shared by every setting. Its
+    test accuracy and the epochs it trained (until its holdout loss stopped falling, or the budget)."""
     settings = engine_settings(home, protocol, repeat, Setting("initial"))
     stores = Stores(settings)
     stores.samples.add([i for i, _ in stream.initial_images], [c for _, c in stream.initial_images])
     [result] = apply_pending_updates(settings)
     assert result.status == "applied", result
-    return test_accuracy(stores, stream.initial, stream.test, select_device(protocol.device)).score() or 0.0
+    accuracy = test_accuracy(stores, stream.initial, stream.test, select_device(protocol.device)).score() or 0.0
+    return accuracy, result.metrics["epochs"]
 
 
 def run_setting(
@@ -268,6 +270,7 @@ def run_experiment(train: LabelledImages, test: LabelledImages, protocol: Protoc
             runs.setdefault(setting.run_key, setting)
     steps = protocol.new_classes * protocol.sets_per_class
     earlier, minutes = earlier_results(out, protocol)
+    done = runs_done(earlier)
     started = time.time()
     by_key: dict[tuple, list[Row]] = defaultdict(list)
     with (
@@ -275,23 +278,41 @@ def run_experiment(train: LabelledImages, test: LabelledImages, protocol: Protoc
         tqdm(total=protocol.repeats * len(runs) * steps, unit="step") as bar,
     ):
         for repeat in range(protocol.repeats):
-            stream = make_stream(train, test, protocol, repeat)
-            initial_home = Path(scratch) / f"initial-{repeat}"
-            start_accuracy = initial_version(stream, protocol, repeat, initial_home)
-            bar.write(
-                f"repeat {repeat}: initial {', '.join(stream.initial)} -> test accuracy {start_accuracy:.3f}; new {', '.join(stream.new)}"
-            )
+            if to_run := {key: setting for key, setting in runs.items() if (key, repeat) not in done}:
+                stream = make_stream(train, test, protocol, repeat)
+                initial_home = Path(scratch) / f"initial-{repeat}"
+                start_accuracy, epochs = initial_version(stream, protocol, repeat, initial_home)
+                bar.write(
+                    f"repeat {repeat}: initial {', '.join(stream.initial)} -> test accuracy {start_accuracy:.3f} after {epochs} "
+                    f"epochs (budget {protocol.initial_epochs}); new {', '.join(stream.new)}"
+                )
             for key, setting in runs.items():
-                home = Path(scratch) / "run"
-                shutil.copytree(initial_home, home)
-                rows = run_setting(stream, protocol, repeat, setting, home, start_accuracy, bar)
-                shutil.rmtree(home)
+                if key in to_run:
+                    home = Path(scratch) / "run"
+                    shutil.copytree(initial_home, home)
+                    rows = run_setting(stream, protocol, repeat, setting, home, start_accuracy, bar)
+                    shutil.rmtree(home)
+                else:
+                    rows = done[key, repeat]
+                    bar.update(steps)
                 by_key[key] += rows
-                bar.write(f"  {setting.name:45} final {rows[-1].accuracy:.3f}")
+                bar.write(f"  {setting.name:45} final {rows[-1].accuracy:.3f}{'' if key in to_run else ' (run before, in the CSV)'}")
             # Written after every repetition, so a long run that is cut short still leaves results.
             minutes |= {",".join(studies): round((time.time() - started) / 60, 1)}
             rows = write_results(by_key, studies, protocol, out, earlier, minutes)
     return rows
+
+
+def runs_done(earlier: list[Row]) -> dict[tuple[tuple, int], list[Row]]:
+    """The runs already in the CSV, by run key and repetition: a setting another study ran (the
+    defaults, λ = 0, ...) is read back, not run again."""
+    settings = {(study, s.name): s for study, listed in STUDIES.items() for s in listed}
+    done: dict[tuple[tuple, int], list[Row]] = defaultdict(list)
+    for row in earlier:
+        if (row.study, row.setting) in settings:
+            done[settings[row.study, row.setting].run_key, row.repeat].append(row)
+    # a run is listed under every study that has its setting: keep one copy of its steps
+    return {k: list({r.step: r for r in rows}.values()) for k, rows in done.items()}
 
 
 def write_results(
