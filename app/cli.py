@@ -154,6 +154,7 @@ BENCHMARKS = {
     "stream": "bench.stream",
     "history": "bench.history",
     "label-check": "bench.label_check",
+    "sample-reads": "bench.sample_reads",
 }
 
 
@@ -212,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
 
     bench = sub.add_parser(
-        "bench", help="run a benchmark: update-step, predict, stream, history or label-check (add --help after its name)"
+        "bench", help="run a benchmark: update-step, predict, stream, history, label-check or sample-reads (add --help after its name)"
     )
     bench.add_argument("name", choices=sorted(BENCHMARKS))
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="the benchmark's own flags")

@@ -11,7 +11,7 @@ from imagegen import make_set
 from PIL import Image
 
 from app.errors import InvalidImage, InvalidLabel, InvalidUpdate, UnknownUpdate
-from app.samples import SampleStore, split_holdout
+from app.samples import Sample, SampleStore, split_holdout, write_archive
 
 
 def store(root: Path, holdout: float = 0.1) -> SampleStore:
@@ -146,3 +146,13 @@ def test_storing_a_set_builds_no_copy_of_it_in_memory(tmp_path):
         tracemalloc.stop()
     assert len(update) == 20 and s.path(update.update_id).stat().st_size > size
     assert peak < 0.25 * size, f"storing {size} bytes of images allocated {peak} bytes at the peak"
+
+
+def test_a_sample_is_read_from_the_file_now_at_its_path(tmp_path):
+    # each set's zip is opened once and kept open; a new file at the path must not be read from the old one
+    path, staged = tmp_path / "set.zip", tmp_path / "staged.zip"
+    for content in (b"first", b"second"):
+        with open(staged, "wb") as f:
+            write_archive(f, {}, [content + b"-0", content + b"-1"])
+        staged.replace(path)
+        assert [Sample("u", i, "x", archive=path).read() for i in (1, 0)] == [content + b"-1", content + b"-0"]
