@@ -8,9 +8,10 @@ apply_pending_updates(), the function the service's workers run. After every ste
 version is scored on official test images of the classes introduced so far. Every setting of
 a repetition starts from a copy of the same initial version and sees the same update sets.
 
-Studies: iterations per update, the old/new ratio λ, label noise, the promotion gate (beyond
-the paper), the head initialisation of new classes (beyond the paper), and the baselines:
-joint training on everything seen so far (upper bound) and λ = 0 (lower bound).
+Studies: iterations per update, the old/new ratio λ, label noise, BatchNorm trained or frozen,
+the promotion gate on a stream with poisoned sets at known positions (beyond the paper), the
+head initialisation of new classes (beyond the paper), and the baselines: replay of everything
+seen so far (near-uniform, one epoch per step) and λ = 0 (lower bound).
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ class Setting:
     replay_lambda: float = Settings.model_fields["replay_lambda"].default
     noise: float = 0.0
     gate: bool = False
+    nearest_share: float = Settings.model_fields["gate_relabel_share"].default  # with the gate on
+    poisoned: bool = False  # the stream with POISON's sets among the clean ones
     head_init: str = Settings.model_fields["head_init"].default
     batchnorm: str = Settings.model_fields["finetune_batchnorm"].default
     joint: bool = False
@@ -62,7 +65,17 @@ class Setting:
     @property
     def run_key(self) -> tuple:
         """Settings with the same key are the same run, computed once and reported in every study."""
-        return (self.iterations, self.replay_lambda, self.noise, self.gate, self.head_init, self.batchnorm, self.joint)
+        return (
+            self.iterations,
+            self.replay_lambda,
+            self.noise,
+            self.gate,
+            self.nearest_share if self.gate else None,
+            self.poisoned,
+            self.head_init,
+            self.batchnorm,
+            self.joint,
+        )
 
 
 DEFAULT = Setting("the service's defaults")
@@ -78,7 +91,12 @@ STUDIES: dict[str, list[Setting]] = {
     ],
     "lambda": [Setting(f"λ = {lam:g}", replay_lambda=lam) for lam in (0.0, 0.25, 0.5, 0.75, 1.0)],
     "noise": [Setting(f"{noise:.0%} noise", noise=noise) for noise in (0.0, 0.1, 0.2, 0.3)],
-    "gate": [Setting("30% noise, gate off", noise=0.3), Setting("30% noise, gate on", noise=0.3, gate=True)],
+    # Does the service's gate refuse poisoned sets (ground truth known) and let clean ones through?
+    "gate": [
+        Setting("gate on (the service's)", gate=True, poisoned=True),
+        Setting("gate off", poisoned=True),
+        Setting("gate on, nearest-mean share 0.4", gate=True, nearest_share=0.4, poisoned=True),
+    ],
     "head": [Setting("new rows: mean of old"), Setting("new rows: random init", head_init="random")],
     "baselines": [
         Setting("joint training (upper bound)", iterations="epochs:1", joint=True),
@@ -93,6 +111,12 @@ STUDIES: dict[str, list[Setting]] = {
         Setting("λ = 0, BatchNorm frozen", replay_lambda=0.0, batchnorm="frozen"),
     ],
 }
+
+
+# The poisoned sets of the gate study, spread evenly over the clean stream: each the share of its
+# labels that are wrong, images of one known class labelled as another known class (the rest
+# are images of the labelled class).
+POISON = (1.0, 0.5, 1.0, 0.5, 1.0, 0.5)
 
 
 @dataclass(frozen=True)
@@ -129,6 +153,7 @@ class Row:
     status: str
     iterations: int
     train_seconds: float
+    wrong: float = 0.0  # the share of the set's labels that are wrong (label noise or poison)
 
 
 @dataclass(frozen=True)
@@ -141,12 +166,15 @@ class Stream:
     update_sets: list[tuple[str, list[bytes]]]  # (class, images), in arrival order
     noise_pool: dict[str, list[bytes]]  # per class, images of the other classes to corrupt its sets with
     test: dict[str, SampleTensors]  # per class, the test images, decoded once
+    poisoned_sets: dict[int, list[tuple[str, list[bytes], float]]]  # after clean step n: (label, images, wrong share)
 
 
 def engine_settings(home: Path, protocol: Protocol, repeat: int, setting: Setting) -> Settings:
     # Without the gate: a drop of 1.0 can never be exceeded, and the label tests are off (the paper has no gate).
     no_gate = (
-        {} if setting.gate else {"gate_max_old_drop": 1.0, "gate_label_alpha": 0.0, "gate_relabel_factor": 0.0, "gate_relabel_share": 0.0}
+        {"gate_relabel_share": setting.nearest_share}
+        if setting.gate
+        else {"gate_max_old_drop": 1.0, "gate_label_alpha": 0.0, "gate_relabel_factor": 0.0, "gate_relabel_share": 0.0}
     )
     return Settings(
         home=home,
@@ -183,7 +211,47 @@ def make_stream(train: LabelledImages, test: LabelledImages, protocol: Protocol,
         c: SampleTensors([Sample("test", i, c, data) for i, data in enumerate(images)], {}, protocol.image_size).decoded()
         for c, images in test_images.items()
     }
-    return Stream(initial, new, initial_images, update_sets, noise_pool, test_samples)
+    poisoned = poisoned_sets(train, initial, update_sets, {i for i, _ in initial_images}, protocol, repeat)
+    return Stream(initial, new, initial_images, update_sets, noise_pool, test_samples, poisoned)
+
+
+def poisoned_sets(
+    train: LabelledImages,
+    initial: list[str],
+    update_sets: list[tuple[str, list[bytes]]],
+    used: set[bytes],
+    protocol: Protocol,
+    repeat: int,
+) -> dict[int, list[tuple[str, list[bytes], float]]]:
+    """POISON's sets at evenly spread positions: images of a known class labelled as another
+    known class, both drawn at random. Their own generator, so the clean stream is the same as
+    in every other study; images the stream already holds are not drawn."""
+    rng = random.Random(f"poison-{protocol.seed}-{repeat}")
+    used = used | {image for _, images in update_sets for image in images}
+    out: dict[int, list[tuple[str, list[bytes], float]]] = defaultdict(list)
+    for i, wrong in enumerate(POISON):
+        after = max(1, round((i + 1) * len(update_sets) / (len(POISON) + 1)))
+        known = list(dict.fromkeys(initial + [c for c, _ in update_sets[:after]]))
+        true, label = rng.sample(known, 2)
+        k = round(wrong * protocol.set_size)
+        fresh = [[x for x in train.take(c, 3 * protocol.set_size, rng) if x not in used] for c in (true, label)]
+        images = fresh[0][:k] + fresh[1][: protocol.set_size - k]
+        used |= set(images)
+        out[after].append((label, images, wrong))
+    return dict(out)
+
+
+def arrivals(stream: Stream, setting: Setting) -> list[tuple[str, list[bytes], float]]:
+    """The update sets a setting sees, in order: (label, images, share of wrong labels)."""
+    out = []
+    for step, (label, images) in enumerate(stream.update_sets, start=1):
+        nth_set = sum(c == label for c, _ in stream.update_sets[: step - 1])
+        out.append(
+            (label, corrupt(images, setting.noise, stream.noise_pool[label], nth_set), round(setting.noise * len(images)) / len(images))
+        )
+        if setting.poisoned:
+            out += stream.poisoned_sets.get(step, [])
+    return out
 
 
 def corrupt(images: list[bytes], noise: float, pool: list[bytes], nth_set: int) -> list[bytes]:
@@ -224,11 +292,9 @@ def run_setting(
     rows = [Row("", setting.name, repeat, 0, "", len(stream.initial), start_accuracy, start_accuracy, None, 1, "initial", 0, 0.0)]
     known = list(stream.initial)
     seen = {"old": len(stream.initial_images), "new": 0}
-    for step, (label, images) in enumerate(stream.update_sets, start=1):
+    for step, (label, images, wrong) in enumerate(arrivals(stream, setting), start=1):
         if label not in known:
             known.append(label)
-        nth_set = sum(c == label for c, _ in stream.update_sets[: step - 1])
-        images = corrupt(images, setting.noise, stream.noise_pool[label], nth_set)
         current = stores.snapshots.meta(stores.snapshots.current())
         stores.samples.add(images, [label] * len(images), known_classes=current.classes)
         settings = engine_settings(home, protocol, repeat, setting)
@@ -254,6 +320,7 @@ def run_setting(
                 result.status,
                 result.metrics.get("iterations", 0),
                 result.metrics.get("train_seconds", 0.0),
+                wrong,
             )
         )
         bar.update(1)
@@ -269,13 +336,14 @@ def run_experiment(train: LabelledImages, test: LabelledImages, protocol: Protoc
         for setting in STUDIES[study]:
             runs.setdefault(setting.run_key, setting)
     steps = protocol.new_classes * protocol.sets_per_class
+    poisoned_steps = len(POISON) * sum(s.poisoned for s in runs.values())
     earlier, minutes = earlier_results(out, protocol)
     done = runs_done(earlier)
     started = time.time()
     by_key: dict[tuple, list[Row]] = defaultdict(list)
     with (
         tempfile.TemporaryDirectory(prefix="warmtune-experiment-") as scratch,
-        tqdm(total=protocol.repeats * len(runs) * steps, unit="step") as bar,
+        tqdm(total=protocol.repeats * (len(runs) * steps + poisoned_steps), unit="step") as bar,
     ):
         for repeat in range(protocol.repeats):
             if to_run := {key: setting for key, setting in runs.items() if (key, repeat) not in done}:
@@ -294,7 +362,7 @@ def run_experiment(train: LabelledImages, test: LabelledImages, protocol: Protoc
                     shutil.rmtree(home)
                 else:
                     rows = done[key, repeat]
-                    bar.update(steps)
+                    bar.update(len(rows) - 1)
                 by_key[key] += rows
                 bar.write(f"  {setting.name:45} final {rows[-1].accuracy:.3f}{'' if key in to_run else ' (run before, in the CSV)'}")
             # Written after every repetition, so a long run that is cut short still leaves results.
@@ -413,9 +481,14 @@ def plot_study(rows: list[Row], study: str, protocol: Protocol, path: Path) -> N
         ax.fill_between(
             steps, [m - h for m, h in zip(mean, half, strict=True)], [m + h for m, h in zip(mean, half, strict=True)], alpha=0.2
         )
-    for k in range(1, protocol.new_classes):
-        ax.axvline(k * protocol.sets_per_class + 0.5, color="grey", lw=0.5, ls=":")
-    ax.set_xlabel(f"update step (|U_t| = {protocol.set_size}; a new class every {protocol.sets_per_class} steps)")
+    run = [r for r in rows if r.study == study and r.setting == STUDIES[study][0].name and r.repeat == repetitions(rows, study)[0]]
+    for before, row in itertools.pairwise(run):
+        if before.step > 0 and row.known_classes > before.known_classes:  # a new class arrives
+            ax.axvline(row.step - 0.5, color="grey", lw=0.5, ls=":")
+        if study == "gate" and row.wrong > 0:
+            ax.axvline(row.step, color="red", lw=0.5, alpha=0.5)
+    poisoned = "; red: poisoned sets" if study == "gate" else ""
+    ax.set_xlabel(f"update step (|U_t| = {protocol.set_size}; dotted: a new class arrives{poisoned})")
     ax.set_ylabel("test accuracy on the classes known so far")
     repeats = len(repetitions(rows, study))
     ax.set_title(f"{study}: {protocol.arch} at {protocol.image_size}px, mean and 95 % interval over {repeats} repetition(s)")
@@ -463,8 +536,14 @@ MEASURES: dict[str, Callable[[list[Row]], float]] = {
 }
 GATE_MEASURES: dict[str, Callable[[list[Row]], float]] = {
     "largest drop between served versions": largest_served_drop,
-    "rejected updates": lambda run: sum(r.status == "rejected" for r in run),
+    "clean sets rejected": lambda run: rejected(run, 0.0),
+    **{f"{w:.0%}-wrong sets rejected (of {POISON.count(w)})": lambda run, w=w: rejected(run, w) for w in sorted(set(POISON))},
 }
+
+
+def rejected(run: list[Row], wrong: float) -> int:
+    """How many of the run's sets with this share of wrong labels the gate refused."""
+    return sum(r.status == "rejected" and r.wrong == wrong for r in run)
 
 
 def repetitions(rows: list[Row], study: str) -> list[int]:
@@ -484,7 +563,9 @@ def results_table(rows: list[Row], studies: list[str], protocol: Protocol, minut
         "Final and at the end: after the last step. Mean: over all update steps, the initial model excluded. Each as mean ± "
         "sample SD over repetitions. Below it, for each setting but the study's reference: the difference from the "
         "reference, paired by repetition (same initial model and update sets), mean and 95 % t-interval. Largest drop: of "
-        "accuracy on the initial classes from one step to the next, over all steps.",
+        "accuracy on the initial classes from one step to the next, over all steps. The gate study's stream holds "
+        f"{len(POISON)} poisoned sets among the clean ones (images of a known class labelled as another known class, all "
+        "or half of them), at the same positions in every setting; a rejected set is not reconsidered (one decision per set).",
     ]
     for study in studies:
         reference = reference_setting(study)
