@@ -321,5 +321,5 @@ def check_old_knowledge(before: Answers, after: Answers, max_drop: float, alpha:
 
 def check_training(loss: float) -> Verdict:
     if not math.isfinite(loss):
-        return Verdict(False, f"training diverged (loss {loss})")
+        return Verdict(False, f"training diverged (loss {loss})", "training")
     return Verdict(True, "training converged")

@@ -339,6 +339,7 @@ def apply_step(settings: Settings, stores: Stores, pending: list[UpdateSet], loc
     accepted = [s.update for s in step.sets]
     if not candidate.verdict.passed:
         log.warning("rejected update set(s) %s: %s", [u.update_id for u in accepted], candidate.verdict.reason)
+        metrics["refused_by"] = candidate.verdict.check
         return refused + [record_attempt(stores, accepted, "rejected", candidate.verdict.reason, metrics)]
     # The record goes with the published version only: the label checks read it from the lineage.
     metrics[RECORD] = record
