@@ -155,6 +155,7 @@ BENCHMARKS = {
     "history": "bench.history",
     "label-check": "bench.label_check",
     "sample-reads": "bench.sample_reads",
+    "nearest-record": "bench.nearest_record",
 }
 
 
