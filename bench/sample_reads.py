@@ -5,7 +5,7 @@ memory, each one image read from its update set's zip. The baseline opens the zi
 read, as Sample.read did before (zipfile parses the whole central directory on opening), on
 the same stored sets and the same draws, interleaved in one process.
 
-    python -m bench.sample_reads --sizes 10,240,1000 --repeats 5
+    warmtune bench sample-reads --sizes 10,240,1000 --repeats 5
 """
 
 from __future__ import annotations
@@ -35,12 +35,12 @@ def sample_reads(path: Path, indices: list[int]) -> None:
         Sample("bench", i, "label", archive=path).read()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="10,240,1000", help="images per update set, comma-separated")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--image-bytes", type=int, default=800, help="a 28x28 Fashion-MNIST PNG is about this size")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     rng = random.Random(0)
     print(f"{READS} reads from one update set (median of {args.repeats}, interleaved)")
     print(f"{'images in the set':>18} {'open per read':>14} {'Sample.read':>12} {'ratio':>7}")

@@ -1,5 +1,7 @@
 """The CLI on real data: Debian's Fashion-MNIST, ingested and learned by `warmtune update`."""
 
+import importlib
+import inspect
 import os
 import random
 import re
@@ -7,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from app.cli import BENCHMARKS
 from app.datasets import fashion_mnist
 from app.settings import Settings
 from app.stores import Stores
@@ -84,3 +87,17 @@ def test_serve_sets_the_gil_switch_interval_before_the_server_starts(tmp_path, m
         sys.setswitchinterval(default)
         get_settings.cache_clear()
     assert seen == [0.0005]
+
+
+def test_every_benchmark_takes_its_flags_from_the_command_line():
+    # `warmtune bench NAME ...` hands the flags after the name to the module's main.
+    out = subprocess.run(
+        [sys.executable, "-m", "app.cli", "bench", "sample-reads", "--sizes", "10", "--repeats", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "576 reads from one update set (median of 1" in out.stdout
+    for name, module in BENCHMARKS.items():
+        assert "argv" in inspect.signature(importlib.import_module(module).main).parameters, name
