@@ -21,6 +21,7 @@ from worker.experiment import (
     corrupt,
     largest_served_drop,
     make_stream,
+    matching_run,
     paired_difference,
     reference_setting,
     run_experiment,
@@ -69,7 +70,10 @@ def test_experiment_writes_consistent_csv_plots_and_table(tmp_path: Path):
         png = (out / f"{study}.png").read_bytes()
         assert png.startswith(b"\x89PNG") and len(png) > 10_000
         for setting in STUDIES[study]:
-            runs = [[r for r in rows if r["study"] == study and r["setting"] == setting.name and r["repeat"] == str(k)] for k in range(2)]
+            runs = [
+                [r for r in rows if r["study"] == study and r["setting"] == setting.name and r["repeat"] == str(k)]
+                for k in range(TINY.repeats)
+            ]
             final = [float(run[-1]["accuracy"]) for run in runs]
             line = next(row for row in table.splitlines() if row.startswith(f"| {setting.name} |"))
             assert re.search(rf"\| {statistics.fmean(final):.3f} ± {statistics.stdev(final):.3f} \|", line), line
@@ -93,8 +97,9 @@ def test_experiment_writes_consistent_csv_plots_and_table(tmp_path: Path):
     assert lines[row + 1].split("|")[at].strip() == paired_difference(counts, clean_rejected(reference))
 
     # a later run of another study lands beside these, in one CSV and table; a setting run before
-    # (the defaults: head's mean rows, the batchnorm study's reference) is read back, not run
-    # again: marked here to tell
+    # from the same initial version (the defaults: head's mean rows, the batchnorm study's
+    # reference) is read back, not run again: marked here to tell
+    assert len({r["initial_model"] for r in rows if r["repeat"] == "0"}) == 1 and rows[0]["initial_model"]
     marked = [{**r, "accuracy": "0.123" if r["setting"] == "new rows: mean of old" else r["accuracy"]} for r in rows]
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -142,8 +147,9 @@ def test_label_noise_takes_fresh_images_for_every_set_of_a_class():
     pool = [bytes([i]) for i in range(30)]  # 30 % of ten sets of ten
     clean = [b"clean"] * 10
     for noise, k in ((0.1, 1), (0.3, 3)):
-        used = [image for nth in range(10) for image in corrupt(clean, noise, pool, nth)[:k]]
+        used = [image for nth in range(10) for image in corrupt(clean, noise, pool, nth)[0][:k]]
         assert len(set(used)) == 10 * k  # before: 3 and 9 distinct images
+        assert corrupt(clean, noise, pool, 0)[1] == k / 10
 
 
 def test_the_largest_drop_counts_every_step_on_the_initial_classes():
@@ -162,3 +168,19 @@ def test_settings_are_compared_with_the_service_defaults_paired_by_repetition():
     # differences 0.02, 0.04, 0.06: mean 0.04, sample SD 0.02, t(2) = 4.303, half-width 4.303 * 0.02 / sqrt(3)
     assert paired_difference([0.52, 0.54, 0.56], [0.5, 0.5, 0.5]) == "+0.040 (-0.010 to +0.090)"
     assert paired_difference([0.4], [0.5]) == "-0.100"
+    assert paired_difference([0.4, 0.3], [0.5, 0.4]) == "-0.100 (the same in every repetition)"
+
+
+def test_a_run_is_read_back_only_from_the_same_initial_version():
+    def run(digest: str, start: float) -> list[Row]:
+        return [
+            Row("lambda", "λ = 1", 0, step, "", 5, start if step == 0 else 0.5, start, None, 1, "applied", 9, 1.0, initial_model=digest)
+            for step in range(3)
+        ]
+
+    other_machine, this_one, older = run("aaaa", 0.688), run("bbbb", 0.692), run("", 0.692)
+    assert matching_run([other_machine, this_one], "bbbb", 0.692) is this_one
+    assert matching_run([other_machine], "bbbb", 0.688) is None  # the digest decides where there is one
+    # rows written before the digest was kept: by the accuracy at step 0
+    assert matching_run([older], "bbbb", 0.692) is older
+    assert matching_run([older], "bbbb", 0.688) is None

@@ -17,6 +17,7 @@ seen so far (near-uniform, one epoch per step) and λ = 0 (lower bound).
 from __future__ import annotations
 
 import csv
+import hashlib
 import itertools
 import json
 import logging
@@ -162,6 +163,10 @@ class Row:
     wrong: float = 0.0  # the share of the set's labels that are wrong (label noise or poison)
     refused_by: str = ""  # the gate check that refused the set at its step (see worker/gate.py)
     final_status: str = ""  # the set's status after the last step (it differs from status once reconsidered)
+    # A digest of the initial version's weights. Runs are paired only when they share it: the same
+    # seed trains a slightly different initial version on another machine (step 0 scored 0.688 on
+    # one and 0.692 on another, repetition 0), so a run read back from the CSV must match it.
+    initial_model: str = ""
 
 
 @dataclass(frozen=True)
@@ -257,22 +262,21 @@ def arrivals(stream: Stream, setting: Setting) -> list[tuple[str, list[bytes], f
     out = []
     for step, (label, images) in enumerate(stream.update_sets, start=1):
         nth_set = sum(c == label for c, _ in stream.update_sets[: step - 1])
-        out.append(
-            (label, corrupt(images, setting.noise, stream.noise_pool[label], nth_set), round(setting.noise * len(images)) / len(images))
-        )
+        out.append((label, *corrupt(images, setting.noise, stream.noise_pool[label], nth_set)))
         if setting.poisoned:
             out += stream.poisoned_sets.get(step, [])
     return out
 
 
-def corrupt(images: list[bytes], noise: float, pool: list[bytes], nth_set: int) -> list[bytes]:
-    """The paper's label noise: a share of the set replaced by images of other classes, labels kept.
+def corrupt(images: list[bytes], noise: float, pool: list[bytes], nth_set: int) -> tuple[list[bytes], float]:
+    """The paper's label noise: a share of the set replaced by images of other classes, labels kept;
+    with the share of wrong labels it makes (rounded to whole images).
 
     The nth set of a class takes the pool's images from n*k on, so that no two sets share one
     (the pool holds 30 % of all sets of the class); before, the offset step*len(set) modulo the
     pool reused 3, 6 or 9 distinct images per class at 10, 20 and 30 %."""
     k = round(noise * len(images))
-    return [pool[(nth_set * k + i) % len(pool)] for i in range(k)] + images[k:]
+    return [pool[(nth_set * k + i) % len(pool)] for i in range(k)] + images[k:], k / len(images)
 
 
 def test_accuracy(stores: Stores, classes: list[str], test: dict[str, SampleTensors], device: torch.device) -> Accuracy:
@@ -282,16 +286,25 @@ def test_accuracy(stores: Stores, classes: list[str], test: dict[str, SampleTens
     return evaluate(model, SampleTensors.join([test[c] for c in classes], {c: i for i, c in enumerate(meta.classes)}), device)
 
 
-def initial_version(stream: Stream, protocol: Protocol, repeat: int, home: Path) -> tuple[float, int]:
+def initial_version(stream: Stream, protocol: Protocol, repeat: int, home: Path) -> tuple[float, int, str]:
     """Learn the initial classes from the base weights: version 1, shared by every setting. Its
-    test accuracy and the epochs it trained (until its holdout loss stopped falling, or the budget)."""
+    test accuracy, the epochs it trained (until its holdout loss stopped falling, or the budget) and
+    a digest of its weights."""
     settings = engine_settings(home, protocol, repeat, Setting("initial"))
     stores = Stores(settings)
     stores.samples.add([i for i, _ in stream.initial_images], [c for _, c in stream.initial_images])
     [result] = apply_pending_updates(settings)
     assert result.status == "applied", result
     accuracy = test_accuracy(stores, stream.initial, stream.test, select_device(protocol.device)).score() or 0.0
-    return accuracy, result.metrics["epochs"]
+    return accuracy, result.metrics["epochs"], weights_digest(stores.snapshots.weights(stores.snapshots.current()))
+
+
+def weights_digest(weights: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        digest.update(name.encode())
+        digest.update(weights[name].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def run_setting(
@@ -357,48 +370,64 @@ def run_experiment(train: LabelledImages, test: LabelledImages, protocol: Protoc
     poisoned_steps = len(POISON) * sum(s.poisoned for s in runs.values())
     earlier, minutes = earlier_results(out, protocol)
     done = runs_done(earlier)
-    started = time.time()
+    started, spent_before = time.time(), minutes.get(",".join(studies), 0.0)
     by_key: dict[tuple, list[Row]] = defaultdict(list)
     with (
         tempfile.TemporaryDirectory(prefix="warmtune-experiment-") as scratch,
         tqdm(total=protocol.repeats * (len(runs) * steps + poisoned_steps), unit="step") as bar,
     ):
         for repeat in range(protocol.repeats):
-            if to_run := {key: setting for key, setting in runs.items() if (key, repeat) not in done}:
-                stream = make_stream(train, test, protocol, repeat)
-                initial_home = Path(scratch) / f"initial-{repeat}"
-                start_accuracy, epochs = initial_version(stream, protocol, repeat, initial_home)
-                bar.write(
-                    f"repeat {repeat}: initial {', '.join(stream.initial)} -> test accuracy {start_accuracy:.3f} after {epochs} "
-                    f"epochs (budget {protocol.initial_epochs}); new {', '.join(stream.new)}"
-                )
+            # Trained even when every setting is in the CSV: a run is read back only from this initial version.
+            stream = make_stream(train, test, protocol, repeat)
+            initial_home = Path(scratch) / f"initial-{repeat}"
+            start_accuracy, epochs, digest = initial_version(stream, protocol, repeat, initial_home)
+            bar.write(
+                f"repeat {repeat}: initial {', '.join(stream.initial)} -> test accuracy {start_accuracy:.3f} after {epochs} "
+                f"epochs (budget {protocol.initial_epochs}); new {', '.join(stream.new)}"
+            )
             for key, setting in runs.items():
-                if key in to_run:
+                earlier_run = matching_run(done.get((key, repeat), []), digest, start_accuracy)
+                if earlier_run:
+                    rows = earlier_run
+                    bar.update(len(rows) - 1)
+                else:
                     home = Path(scratch) / "run"
                     shutil.copytree(initial_home, home)
-                    rows = run_setting(stream, protocol, repeat, setting, home, start_accuracy, bar)
+                    rows = [
+                        replace(r, initial_model=digest) for r in run_setting(stream, protocol, repeat, setting, home, start_accuracy, bar)
+                    ]
                     shutil.rmtree(home)
-                else:
-                    rows = done[key, repeat]
-                    bar.update(len(rows) - 1)
                 by_key[key] += rows
-                bar.write(f"  {setting.name:45} final {rows[-1].accuracy:.3f}{'' if key in to_run else ' (run before, in the CSV)'}")
+                bar.write(f"  {setting.name:45} final {rows[-1].accuracy:.3f}{' (run before, in the CSV)' if earlier_run else ''}")
             # Written after every repetition, so a long run that is cut short still leaves results.
-            minutes |= {",".join(studies): round((time.time() - started) / 60, 1)}
+            minutes |= {",".join(studies): round(spent_before + (time.time() - started) / 60, 1)}
             rows = write_results(by_key, studies, protocol, out, earlier, minutes)
     return rows
 
 
-def runs_done(earlier: list[Row]) -> dict[tuple[tuple, int], list[Row]]:
+def runs_done(earlier: list[Row]) -> dict[tuple[tuple, int], list[list[Row]]]:
     """The runs already in the CSV, by run key and repetition: a setting another study ran (the
-    defaults, λ = 0, ...) is read back, not run again."""
+    defaults, λ = 0, ...) is read back, not run again, if it started from the same initial version
+    (see matching_run). One key may hold several runs, written on different machines."""
     settings = {(study, s.name): s for study, listed in STUDIES.items() for s in listed}
-    done: dict[tuple[tuple, int], list[Row]] = defaultdict(list)
+    runs: dict[tuple[str, str, int], list[Row]] = defaultdict(list)
     for row in earlier:
         if (row.study, row.setting) in settings:
-            done[settings[row.study, row.setting].run_key, row.repeat].append(row)
-    # a run is listed under every study that has its setting: keep one copy of its steps
-    return {k: list({r.step: r for r in rows}.values()) for k, rows in done.items()}
+            runs[row.study, row.setting, row.repeat].append(row)
+    done: dict[tuple[tuple, int], list[list[Row]]] = defaultdict(list)
+    for (study, setting, repeat), rows in runs.items():
+        done[settings[study, setting].run_key, repeat].append(sorted(rows, key=lambda r: r.step))
+    return done
+
+
+def matching_run(runs: list[list[Row]], digest: str, start_accuracy: float) -> list[Row] | None:
+    """The run that started from this initial version: the same weights digest, or, for rows
+    written before the digest was kept, the same test accuracy at step 0 (a weaker check: two
+    versions that differ may score alike)."""
+    for rows in runs:
+        if rows[0].initial_model == digest or (not rows[0].initial_model and math.isclose(rows[0].accuracy, start_accuracy)):
+            return rows
+    return None
 
 
 def write_results(
@@ -499,7 +528,9 @@ def plot_study(rows: list[Row], study: str, protocol: Protocol, path: Path) -> N
         ax.fill_between(
             steps, [m - h for m, h in zip(mean, half, strict=True)], [m + h for m, h in zip(mean, half, strict=True)], alpha=0.2
         )
-    run = [r for r in rows if r.study == study and r.setting == STUDIES[study][0].name and r.repeat == repetitions(rows, study)[0]]
+    run = [
+        r for r in rows if r.study == study and r.setting == settings_in(rows, study)[0].name and r.repeat == repetitions(rows, study)[0]
+    ]
     for before, row in itertools.pairwise(run):
         if before.step > 0 and row.known_classes > before.known_classes:  # a new class arrives
             ax.axvline(row.step - 0.5, color="grey", lw=0.5, ls=":")
@@ -527,7 +558,9 @@ def mean_std(values: list[float]) -> str:
 def paired_difference(values: list[float], reference: list[float]) -> str:
     """Mean difference from the reference setting, paired by repetition (same seed, same sets), with its 95 % t-interval."""
     mean, half = interval_95([v - r for v, r in zip(values, reference, strict=True)])
-    return f"{mean:+.3f} ({mean - half:+.3f} to {mean + half:+.3f})" if half else f"{mean:+.3f}"
+    if round(half, 3):  # a spread too small to print is none
+        return f"{mean:+.3f} ({mean - half:+.3f} to {mean + half:+.3f})"
+    return f"{mean:+.3f}" + (" (the same in every repetition)" if len(values) > 1 else "")
 
 
 def reference_setting(study: str) -> Setting:
@@ -569,6 +602,12 @@ def repetitions(rows: list[Row], study: str) -> list[int]:
     return sorted({r.repeat for r in rows if r.study == study})
 
 
+def settings_in(rows: list[Row], study: str) -> list[Setting]:
+    """The study's settings that have rows (a setting added to a study since is not run yet)."""
+    names = {r.setting for r in rows if r.study == study}
+    return [s for s in STUDIES[study] if s.name in names]
+
+
 def results_table(rows: list[Row], studies: list[str], protocol: Protocol, minutes: dict[str, float]) -> str:
     lines = [
         "# Results",
@@ -577,11 +616,13 @@ def results_table(rows: list[Row], studies: list[str], protocol: Protocol, minut
         f"{protocol.initial_classes} initial classes ({protocol.initial_per_class} images each, "
         f"up to {protocol.initial_epochs} epochs), then {protocol.new_classes} new classes in "
         f"{protocol.sets_per_class} update sets of {protocol.set_size}; accuracy on {protocol.eval_per_class} test "
-        f"images per known class. Minutes per run: {', '.join(f'{k} {v:g}' for k, v in minutes.items())}.",
+        f"images per known class. Minutes of computing, summed over the runs of each command: "
+        f"{', '.join(f'{k} {v:g}' for k, v in minutes.items())}.",
         "",
         "Final and at the end: after the last step. Mean: over all update steps, the initial model excluded. Each as mean ± "
         "sample SD over repetitions. Below it, for each setting but the study's reference: the difference from the "
-        "reference, paired by repetition (same initial model and update sets), mean and 95 % t-interval. Largest drop: of "
+        "reference, paired by repetition (same update sets, and the same initial version: the same digest of its weights, or "
+        "for rows written before the digest was kept, the same accuracy at step 0), mean and 95 % t-interval. Largest drop: of "
         "accuracy on the initial classes from one step to the next, over all steps. The gate study's stream holds "
         f"{len(POISON)} poisoned sets among the clean ones (images of a known class labelled as another known class, all "
         "or half of them), at the same positions in every setting; a rejected set is reconsidered only in the service's loop "
@@ -593,14 +634,14 @@ def results_table(rows: list[Row], studies: list[str], protocol: Protocol, minut
         repeats = repetitions(rows, study)
         lines += ["", f"## {study}", "", f"{len(repeats)} repetition(s). Reference: {reference.name}.", ""]
         lines += ["| setting | " + " | ".join(measures) + " |", "|" + " --- |" * (len(measures) + 1)]
+        present = settings_in(rows, study)
         by_setting = {
-            s.name: [[r for r in rows if r.study == study and r.setting == s.name and r.repeat == k] for k in repeats]
-            for s in STUDIES[study]
+            s.name: [[r for r in rows if r.study == study and r.setting == s.name and r.repeat == k] for k in repeats] for s in present
         }
-        for setting in STUDIES[study]:
+        for setting in present:
             values = {name: [measure(run) for run in by_setting[setting.name]] for name, measure in measures.items()}
             lines.append(f"| {setting.name} | " + " | ".join(mean_std(v) for v in values.values()) + " |")
-            if setting.name != reference.name:
+            if setting.name != reference.name and reference.name in by_setting:
                 ref = {name: [measure(run) for run in by_setting[reference.name]] for name, measure in measures.items()}
                 diffs = [paired_difference(values[name], ref[name]) for name in measures]
                 lines.append("| paired difference | " + " | ".join(diffs) + " |")

@@ -46,7 +46,7 @@ class TrainConfig:
     weight_decay: float
     replay_lambda: float
     log_every: int
-    batchnorm: str = "train"  # "frozen": the short fine-tune keeps BatchNorm's running statistics
+    batchnorm: str  # "frozen": the short fine-tune keeps BatchNorm's running statistics
 
     @classmethod
     def from_settings(cls, settings: Settings, base_weights: str, iterations: int) -> TrainConfig:
