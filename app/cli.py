@@ -213,9 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--home", type=Path, default=None, help="WARMTUNE_HOME to use (default: a new temporary one)")
     demo.add_argument("--seed", type=int, default=0)
 
-    bench = sub.add_parser(
-        "bench", help="run a benchmark: update-step, predict, stream, history, label-check or sample-reads (add --help after its name)"
-    )
+    bench = sub.add_parser("bench", help=f"run a benchmark: {', '.join(BENCHMARKS)} (add --help after its name)")
     bench.add_argument("name", choices=sorted(BENCHMARKS))
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="the benchmark's own flags")
 

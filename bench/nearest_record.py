@@ -86,9 +86,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--least", type=int, default=10, help="record images before the class-relative test applies")
     args = parser.parse_args(argv)
     runs = [run for path in args.results for run in json.loads(path.read_text())["runs"].values()]
-    checks = [c for run in runs for c in first_checks(run["set_log"])]
+    per_run = [first_checks(run["set_log"]) for run in runs]
+    checks = [c for run in per_run for c in run]
     clean, poisoned = sum(not c.poisoned for c in checks), sum(c.poisoned for c in checks)
-    read = sum(any(first_checks(run["set_log"])) for run in runs)
+    read = sum(bool(run) for run in per_run)
     print(f"{read} of {len(runs)} runs kept the counts: the first checks of {clean} clean and {poisoned} poisoned sets")
     print("| share | alpha | clean refused | poisoned refused |\n| --- | --- | --- | --- |")
     for share in (0.2, 0.3, 0.5):
