@@ -113,6 +113,14 @@ class Settings(BaseSettings):
     retry_auto_max: int = Field(
         2, ge=0, description="Times a rejected set is reconsidered by itself after more data of its classes is applied."
     )
+    gate_corroborate: int = Field(
+        3,
+        ge=0,
+        description="When this many sets stand refused by the label checks on the same label (this step's included), "
+        "they are applied together without those checks: annotators who keep giving a label to images the model "
+        "places elsewhere are read as teaching it, not as slipping. The check after training still judges them. "
+        "0: off.",
+    )
     seed: int | None = Field(None, description="Seed for sampling and head init; unset means random.")
     log_every: int = Field(50, ge=1, description="Training logs a line every this many iterations.")
 

@@ -373,3 +373,44 @@ def test_a_weak_old_class_makes_a_step_train_on_the_whole_memory_at_most_once_pe
     add(stores, *make_set({"red": 4}, seed=3))  # 45 + 4 = 49 < 1.1 * 45: the paper's step, weak or not
     [short] = apply_pending_updates(settings)
     assert short.status == "applied" and not short.metrics["consolidated"]
+
+
+def test_sets_refused_on_the_same_label_in_a_row_are_applied_together_once_there_are_enough(make_settings):
+    # The check after training off: what corroboration lets through is applied.
+    settings = make_settings(gate_corroborate=3, gate_max_old_drop=1.0)
+    stores = Stores(settings)
+    add(stores, *make_set({"red": 30, "green": 30, "blue": 30}, seed=1))
+    apply_pending_updates(settings)
+    insisted = []
+    for seed in (10, 11):  # one set at a time: each refused by itself
+        insisted.append(add(stores, *poisoned_set("green", "red", 10, seed=seed)))
+        [refused] = apply_pending_updates(settings)
+        assert refused.status == "rejected" and refused.metrics["refused_label"] == "red", refused.reason
+    other = add(stores, *poisoned_set("red", "blue", 10, seed=20))  # refused on another label: not counted for red
+    assert [r.status for r in apply_pending_updates(settings)] == ["rejected"]
+
+    third = add(stores, *poisoned_set("green", "red", 10, seed=12))
+    [applied] = apply_pending_updates(settings)
+    assert applied.status == "applied" and sorted(applied.update_ids) == sorted([*insisted, third])
+    assert sorted(applied.metrics["corroborated"]["red"]) == sorted([*insisted, third])
+    assert [stores.status(u).status for u in [*insisted, third]] == ["applied"] * 3
+    assert stores.status(other).status == "rejected"
+
+
+def test_corroborated_sets_still_face_the_check_after_training_and_are_not_tried_together_again(make_settings):
+    settings = make_settings(gate_corroborate=2, replay_lambda=0.0, iterations="50", consolidate_growth=0)
+    stores = Stores(settings)
+    add(stores, *make_set({"red": 60, "green": 60, "blue": 60}, seed=1))
+    apply_pending_updates(settings)
+    first = add(stores, *poisoned_set("green", "red", 20, seed=10))
+    apply_pending_updates(settings)
+    second = add(stores, *poisoned_set("green", "red", 20, seed=11))
+    [result] = apply_pending_updates(settings)
+    # trained together on 40 green images labelled red, the candidate forgets green: refused, both sets with it
+    assert result.status == "rejected" and sorted(result.update_ids) == sorted([first, second]), result.reason
+    assert result.metrics["refused_by"] == "old knowledge" and sorted(result.metrics["corroborated"]["red"]) == sorted([first, second])
+    assert stores.status(first).status == "rejected" and "forget old classes" in stores.status(first).error
+    # rejected after training, they no longer stand refused on red: a third slip is refused by itself
+    third = add(stores, *poisoned_set("green", "red", 20, seed=12))
+    [alone] = apply_pending_updates(settings)
+    assert alone.status == "rejected" and alone.update_ids == [third] and alone.metrics["refused_label"] == "red"

@@ -9,7 +9,8 @@ version is scored on official test images of the classes introduced so far. Ever
 a repetition starts from a copy of the same initial version and sees the same update sets.
 
 Studies: iterations per update, the old/new ratio λ, label noise, BatchNorm trained or frozen,
-the promotion gate on a stream with poisoned sets at known positions (beyond the paper), the
+the promotion gate on a stream with poisoned sets at known positions, and its corroboration of
+labels refused in a row, on the same stream (both beyond the paper), the
 head initialisation of new classes (beyond the paper), and the baselines: replay of everything
 seen so far (near-uniform, one epoch per step) and λ = 0 (lower bound).
 """
@@ -66,6 +67,7 @@ class Setting:
     # classes are applied, and a training on the whole memory when the short fine-tune falls short.
     # Otherwise one short fine-tune and one decision per set, as in the paper.
     service_loop: bool = False
+    corroborate: int = Settings.model_fields["gate_corroborate"].default  # in the service's loop
 
     @property
     def run_key(self) -> tuple:
@@ -81,10 +83,14 @@ class Setting:
             self.batchnorm,
             self.joint,
             self.service_loop,
+            self.corroborate if self.service_loop else None,
         )
 
 
 DEFAULT = Setting("the service's defaults")
+LOOP_BEFORE_CORROBORATION = Setting(
+    "gate on, reconsidered and consolidating, no corroboration", gate=True, poisoned=True, service_loop=True, corroborate=0
+)
 
 
 STUDIES: dict[str, list[Setting]] = {
@@ -102,7 +108,13 @@ STUDIES: dict[str, list[Setting]] = {
         Setting("gate on, one decision per set", gate=True, poisoned=True),
         Setting("gate off", poisoned=True),
         Setting("gate on, nearest-mean share 0.4", gate=True, nearest_share=0.4, poisoned=True),
-        Setting("gate on, the service's loop (reconsidered, consolidating)", gate=True, poisoned=True, service_loop=True),
+        LOOP_BEFORE_CORROBORATION,
+    ],
+    # Does applying together the sets refused on one label in a row (WARMTUNE_GATE_CORROBORATE)
+    # end the runs of refused sets of look-alike new classes, and at what cost in poisoned sets?
+    "corroboration": [
+        LOOP_BEFORE_CORROBORATION,
+        Setting("gate on, the service's loop (reconsidered, consolidating, corroborated)", gate=True, poisoned=True, service_loop=True),
     ],
     "head": [Setting("new rows: mean of old"), Setting("new rows: random init", head_init="random")],
     "baselines": [
@@ -190,7 +202,11 @@ def engine_settings(home: Path, protocol: Protocol, repeat: int, setting: Settin
         else {"gate_max_old_drop": 1.0, "gate_label_alpha": 0.0, "gate_relabel_factor": 0.0, "gate_relabel_share": 0.0}
     )
     # One short fine-tune and one decision per set, as in the paper, unless the setting runs the service's loop.
-    paper_step = {} if setting.service_loop else {"retry_auto_max": 0, "consolidate_growth": 0}
+    paper_step = (
+        {"gate_corroborate": setting.corroborate}
+        if setting.service_loop
+        else {"retry_auto_max": 0, "consolidate_growth": 0, "gate_corroborate": 0}
+    )
     return Settings(
         home=home,
         arch=protocol.arch,
@@ -534,9 +550,9 @@ def plot_study(rows: list[Row], study: str, protocol: Protocol, path: Path) -> N
     for before, row in itertools.pairwise(run):
         if before.step > 0 and row.known_classes > before.known_classes:  # a new class arrives
             ax.axvline(row.step - 0.5, color="grey", lw=0.5, ls=":")
-        if study == "gate" and row.wrong > 0:
+        if poisoned_stream(study) and row.wrong > 0:
             ax.axvline(row.step, color="red", lw=0.5, alpha=0.5)
-    poisoned = "; red: poisoned sets" if study == "gate" else ""
+    poisoned = "; red: poisoned sets" if poisoned_stream(study) else ""
     ax.set_xlabel(f"update step (|U_t| = {protocol.set_size}; dotted: a new class arrives{poisoned})")
     ax.set_ylabel("test accuracy on the classes known so far")
     repeats = len(repetitions(rows, study))
@@ -598,6 +614,11 @@ def rejected(run: list[Row], wrong: float) -> int:
     return sum((r.final_status or r.status) == "rejected" and r.wrong == wrong for r in run)
 
 
+def poisoned_stream(study: str) -> bool:
+    """Whether the study's stream holds POISON's sets (the gate studies): their measures and marks."""
+    return any(s.poisoned for s in STUDIES[study])
+
+
 def repetitions(rows: list[Row], study: str) -> list[int]:
     return sorted({r.repeat for r in rows if r.study == study})
 
@@ -625,12 +646,12 @@ def results_table(rows: list[Row], studies: list[str], protocol: Protocol, minut
         "for rows written before the digest was kept, the same accuracy at step 0), mean and 95 % t-interval. Largest drop: of "
         "accuracy on the initial classes from one step to the next, over all steps. The gate study's stream holds "
         f"{len(POISON)} poisoned sets among the clean ones (images of a known class labelled as another known class, all "
-        "or half of them), at the same positions in every setting; a rejected set is reconsidered only in the service's loop "
-        "setting (elsewhere one decision per set).",
+        "or half of them), at the same positions in every setting, and so does the corroboration study's; a rejected set is "
+        "reconsidered only in the service's loop settings (elsewhere one decision per set).",
     ]
     for study in studies:
         reference = reference_setting(study)
-        measures = MEASURES | (GATE_MEASURES if study == "gate" else {})
+        measures = MEASURES | (GATE_MEASURES if poisoned_stream(study) else {})
         repeats = repetitions(rows, study)
         lines += ["", f"## {study}", "", f"{len(repeats)} repetition(s). Reference: {reference.name}.", ""]
         lines += ["| setting | " + " | ".join(measures) + " |", "|" + " --- |" * (len(measures) + 1)]

@@ -67,6 +67,7 @@ class Verdict:
     reason: str
     check: str = ""  # which test refused: "relabel", "agreement", ...
     nearest: dict[str, dict[str, int]] | None = None  # the nearest-mean counts the verdict read, by label
+    label: str = ""  # the label a label check refused
 
 
 def beta_binomial_cdf(k: int, m: int, hits: int, n: int) -> float:
@@ -211,6 +212,7 @@ def check_nearest(nearest: Answers, share: float) -> Verdict:
                 f"refused at a share of {share:g} or less)",
                 "nearest",
                 counts,
+                label,
             )
     return Verdict(True, "images lie nearest the stored images of their labels", nearest=counts)
 
@@ -253,6 +255,7 @@ def check_labels(known: Answers, incoming: Answers, alpha: float, factor: float)
                 f"(judged by its answers on {known.true.count(other)} and {known.true.count(label)} known images of "
                 f"each; refused from {factor:g})",
                 "relabel",
+                label=label,
             )
         hits, n = known.recall(label)
         agree = seen[label]
@@ -263,6 +266,7 @@ def check_labels(known: Answers, incoming: Answers, alpha: float, factor: float)
                 f"labels contradict the current version: {agree} of {len(answers)} images labelled {label!r} agree "
                 f"with it, while it recognises {label!r} on {hits} of {n} known images (p = {p_value:.1e} < {alpha})",
                 "agreement",
+                label=label,
             )
     agree = sum(t == p for t, p in checked)
     return Verdict(True, f"labels agree with the current version on {agree} of {len(checked)} known-class samples")

@@ -306,6 +306,7 @@ class Step:
     new_train: SampleTensors | None = None
     new_holdout: SampleTensors | None = None
     nearest: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)  # gate check 1's counts, by set
+    corroborated: dict[str, list[str]] = field(default_factory=dict)  # label: the sets applied on it without the label checks
 
     @property
     def classes(self) -> list[str]:
@@ -382,10 +383,68 @@ def check_labels_of_sets(settings: Settings, stores: Stores, step: Step) -> tupl
     if step.parent is None:
         return [], {}
     step.before = Answers.of(predict_logits(step.model, step.old_holdout, step.device), step.old_holdout.labels, step.old_classes)
-    step.sets, refused, record, step.nearest = refuse_contradicting_sets(
+    accepted, refused, record, step.nearest = refuse_contradicting_sets(
         settings, stores, step.model, step.parent, step.before, step.sets, step.device, step.old_train
     )
-    return refused, record
+    joined, refused = corroborate(settings, stores, step, refused)
+    step.sets = accepted + joined
+    return [record_refusal(stores, s.update, verdict, step.parent.version) for s, verdict in refused], record
+
+
+def corroborate(
+    settings: Settings, stores: Stores, step: Step, refused: list[tuple[SetTensors, Verdict]]
+) -> tuple[list[SetTensors], list[tuple[SetTensors, Verdict]]]:
+    """Join the step with the sets of every label that at least WARMTUNE_GATE_CORROBORATE sets now
+    stand refused on by a label check: this step's refusals of it and the stored sets still
+    rejected on it, trained on together (gate check 2 still judges them). Returns the joined sets
+    and the refusals that stand.
+
+    A slip is one set; a new class the model cannot yet tell from an older one is refused set
+    after set (in the paper-protocol gate study, runs of 3 to 8 sets of Shirt, Pullover and Sandal
+    in a row), and none of them is learned until some are applied together.
+    """
+    if settings.gate_corroborate <= 0 or not refused:
+        return [], refused
+    standing = standing_refusals(stores, set(step.old_classes))
+    here = Counter(verdict.label for _, verdict in refused if verdict.label)
+    labels = {label for label, n in here.items() if n + len(standing.get(label, [])) >= settings.gate_corroborate}
+    if not labels:
+        return [], refused
+    stored = [u for label in labels for u in standing.get(label, [])]
+    joined = [s for s, verdict in refused if verdict.label in labels] + set_tensors(
+        stored, step.old_classes + step.incoming, step.image_size
+    )
+    step.corroborated = {label: [s.update.update_id for s in joined if label in s.update.labels] for label in sorted(labels)}
+    log.info("labels corroborated by sets refused on them in a row, applied together: %s", step.corroborated)
+    return joined, [(s, verdict) for s, verdict in refused if verdict.label not in labels]
+
+
+def standing_refusals(stores: Stores, known: set[str]) -> dict[str, list[UpdateSet]]:
+    """The stored sets that stand rejected by a label check, by the label it refused; only sets
+    whose labels are all known (they need no new rows of the head)."""
+    refused_on = {
+        update_id: attempt.metrics["refused_label"]
+        for update_id, (status, attempt) in stores.settled().items()
+        if status == "rejected" and attempt is not None and attempt.metrics.get("refused_label")
+    }
+    by_label: dict[str, list[UpdateSet]] = {}
+    for update in stores.readable(list(refused_on)):
+        if set(update.labels) <= known:
+            by_label.setdefault(refused_on[update.update_id], []).append(update)
+    return by_label
+
+
+def record_refusal(stores: Stores, update: UpdateSet, verdict: Verdict, parent: int) -> Attempt:
+    log.warning("rejected update set %s before training: %s", update.update_id, verdict.reason)
+    metrics: dict[str, Any] = {
+        "gate": verdict.reason,
+        "refused_by": verdict.check,
+        "refused_label": verdict.label,
+        "warm_start_from": parent,
+    }
+    if verdict.nearest is not None:
+        metrics[NEAREST] = {update.update_id: verdict.nearest}
+    return record_attempt(stores, [update], "rejected", verdict.reason, metrics)
 
 
 def grow_for_new_classes(settings: Settings, step: Step) -> dict[str, Any] | None:
@@ -490,6 +549,7 @@ def step_metrics(settings: Settings, step: Step, candidate: Candidate, holdout_b
         **candidate.holdout_after,
         "gate": candidate.verdict.reason,
         NEAREST: step.nearest,
+        "corroborated": step.corroborated,
         "load_seconds": step.load_seconds,
         "train_seconds": stats.seconds,
         "evaluate_seconds": candidate.evaluate_seconds,
@@ -505,10 +565,10 @@ def refuse_contradicting_sets(
     sets: list[SetTensors],
     device: torch.device,
     memory: SampleTensors,
-) -> tuple[list[SetTensors], list[Attempt], dict[str, dict[str, int]], dict[str, dict[str, dict[str, int]]]]:
+) -> tuple[list[SetTensors], list[tuple[SetTensors, Verdict]], dict[str, dict[str, int]], dict[str, dict[str, dict[str, int]]]]:
     """Gate check 1 against what the current version answers for each known class: the sets it
-    accepts, the refusals recorded, its answers on the accepted sets (the record), and the
-    nearest-mean counts of the accepted sets that test read, by set."""
+    accepts, those it refuses with their verdicts, its answers on the accepted sets (the record),
+    and the nearest-mean counts of the accepted sets that test read, by set."""
     known = known_answers(before, stores.snapshots.ancestors(parent.version), parent.classes, settings.gate_holdout_per_class)
     history = stores.history()
     thresholds = {
@@ -519,15 +579,8 @@ def refuse_contradicting_sets(
     judged = any(judged_by_nearest(s.update.labels, parent.classes) for s in sets)
     means = stored_means(settings, model, memory, device) if judged else {}
     accepted, refused, record = screen_labels(model, known, sets, parent.classes, thresholds, settings, device, means)
-    results = []
-    for s, verdict in refused:
-        log.warning("rejected update set %s before training: %s", s.update.update_id, verdict.reason)
-        metrics = {"gate": verdict.reason, "refused_by": verdict.check, "warm_start_from": parent.version}
-        if verdict.nearest is not None:
-            metrics[NEAREST] = {s.update.update_id: verdict.nearest}
-        results.append(record_attempt(stores, [s.update], "rejected", verdict.reason, metrics))
     nearest = {s.update.update_id: v.nearest for s, v in accepted if v.nearest}
-    return [s for s, _ in accepted], results, record, nearest
+    return [s for s, _ in accepted], refused, record, nearest
 
 
 def stored_means(settings: Settings, model: nn.Module, memory: SampleTensors, device: torch.device) -> dict[str, torch.Tensor]:
