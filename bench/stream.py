@@ -200,6 +200,7 @@ def summarize(sets: list[PostedSet], outcome: dict) -> dict:
     caught = sum(status[s.update_id] == "rejected" for s in poisoned)
     false_alarms = [s for s in clean if status[s.update_id] == "rejected"]
     served = [s.served_after_s for s in sets if s.served_after_s is not None]
+    corroborated = [s for s in sets if corroborated_in(s.update_id, final[s.update_id]["attempts"])]
     accuracy = outcome["accuracy"]
     set_log = set_log_of(sets, final, status)
     return {
@@ -210,6 +211,11 @@ def summarize(sets: list[PostedSet], outcome: dict) -> dict:
         "applied": sum(v == "applied" for v in status.values()),
         "rejected": sum(v == "rejected" for v in status.values()),
         "retried": len(retried),
+        # applied without their label checks, with other sets refused on the same label (WARMTUNE_GATE_CORROBORATE)
+        "corroborated": {
+            "clean": sum(s.kind != "poisoned" for s in corroborated),
+            "poisoned": sum(s.kind == "poisoned" for s in corroborated),
+        },
         "clean_sets_rejected": [f"{s.kind} {','.join(sorted(set(s.labels)))}" for s in false_alarms],
         "poisoned_sets": len(poisoned),
         "gate_precision": caught / (caught + len(false_alarms)) if poisoned and caught + len(false_alarms) else None,
@@ -220,6 +226,13 @@ def summarize(sets: list[PostedSet], outcome: dict) -> dict:
         "set_log": set_log,
         "first_nearest_check_by_share": first_checks_by_share(set_log),
     }
+
+
+def corroborated_in(update_id: str, attempts: list[dict]) -> bool:
+    """Whether a version applied the set as corroborated (see worker/jobs.py: corroborate)."""
+    return any(
+        a["status"] == "applied" and any(update_id in ids for ids in (a["metrics"].get("corroborated") or {}).values()) for a in attempts
+    )
 
 
 def set_log_of(sets: list[PostedSet], final: dict, status: dict[str, str]) -> list[dict]:
@@ -263,7 +276,8 @@ def print_run(name: str, r: dict) -> None:
     print("  per class: " + ", ".join(f"{c} {a:.2f}" for c, a in r["per_class"].items()))
     print(
         f"  sets {r['sets']}: applied {r['applied']}, rejected {r['rejected']}, retried {r['retried']}; "
-        f"clean sets rejected: {r['clean_sets_rejected'] or 'none'}"
+        f"clean sets rejected: {r['clean_sets_rejected'] or 'none'}; applied as corroborated: "
+        f"{r['corroborated']['clean']} clean, {r['corroborated']['poisoned']} poisoned"
     )
     if r["poisoned_sets"]:
         print(f"  gate on {r['poisoned_sets']} poisoned sets: precision {r['gate_precision']}, recall {r['gate_recall']}")

@@ -1,6 +1,6 @@
 """The stream benchmark's reading of the nearest-mean counts the service records."""
 
-from bench.stream import first_checks_by_share
+from bench.stream import corroborated_in, first_checks_by_share
 
 
 def test_first_checks_are_judged_at_each_share_by_the_services_rule():
@@ -18,3 +18,15 @@ def test_first_checks_are_judged_at_each_share_by_the_services_rule():
     assert sweep["0.2"] == {"clean_refused": 0, "poisoned_refused": 1}
     assert sweep["0.3"] == {"clean_refused": 1, "poisoned_refused": 1}
     assert sweep["0.5"] == {"clean_refused": 1, "poisoned_refused": 1}
+
+
+def test_a_set_counts_as_corroborated_only_when_a_version_applied_it_as_such():
+    refused = {"status": "rejected", "metrics": {"refused_by": "nearest", "refused_label": "Shirt"}}
+    joined = {"status": "applied", "metrics": {"corroborated": {"Shirt": ["a", "b", "c"]}}}
+    plain = {"status": "applied", "metrics": {"corroborated": {}}}
+    turned_down = {"status": "rejected", "metrics": {"corroborated": {"Shirt": ["a", "b", "c"]}, "refused_by": "old knowledge"}}
+    assert corroborated_in("a", [refused, joined])
+    assert not corroborated_in("d", [refused, joined])
+    assert not corroborated_in("a", [refused, plain])
+    assert not corroborated_in("a", [refused, turned_down])
+    assert not corroborated_in("a", [{"status": "applied", "metrics": {}}])  # a version from before corroboration

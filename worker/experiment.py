@@ -10,7 +10,7 @@ a repetition starts from a copy of the same initial version and sees the same up
 
 Studies: iterations per update, the old/new ratio λ, label noise, BatchNorm trained or frozen,
 the promotion gate on a stream with poisoned sets at known positions, and its corroboration of
-labels refused in a row, on the same stream (both beyond the paper), the
+the sets refused on one label, on the same stream (both beyond the paper), the
 head initialisation of new classes (beyond the paper), and the baselines: replay of everything
 seen so far (near-uniform, one epoch per step) and λ = 0 (lower bound).
 """
@@ -110,7 +110,7 @@ STUDIES: dict[str, list[Setting]] = {
         Setting("gate on, nearest-mean share 0.4", gate=True, nearest_share=0.4, poisoned=True),
         LOOP_BEFORE_CORROBORATION,
     ],
-    # Does applying together the sets refused on one label in a row (WARMTUNE_GATE_CORROBORATE)
+    # Does applying together the sets that stand refused on one label (WARMTUNE_GATE_CORROBORATE)
     # end the runs of refused sets of look-alike new classes, and at what cost in poisoned sets?
     "corroboration": [
         LOOP_BEFORE_CORROBORATION,

@@ -400,8 +400,8 @@ def corroborate(
     and the refusals that stand.
 
     A slip is one set; a new class the model cannot yet tell from an older one is refused set
-    after set (in the paper-protocol gate study, runs of 3 to 8 sets of Shirt, Pullover and Sandal
-    in a row), and none of them is learned until some are applied together.
+    after set (in the paper-protocol gate study, up to 8 sets of Shirt, Pullover or Sandal one
+    after the other), and none of them is learned until some are applied together.
     """
     if settings.gate_corroborate <= 0 or not refused:
         return [], refused
@@ -415,7 +415,7 @@ def corroborate(
         stored, step.old_classes + step.incoming, step.image_size
     )
     step.corroborated = {label: [s.update.update_id for s in joined if label in s.update.labels] for label in sorted(labels)}
-    log.info("labels corroborated by sets refused on them in a row, applied together: %s", step.corroborated)
+    log.info("labels corroborated by the sets that stand refused on them, applied together: %s", step.corroborated)
     return joined, [(s, verdict) for s, verdict in refused if verdict.label not in labels]
 
 
