@@ -375,7 +375,7 @@ def test_a_weak_old_class_makes_a_step_train_on_the_whole_memory_at_most_once_pe
     assert short.status == "applied" and not short.metrics["consolidated"]
 
 
-def test_sets_refused_on_the_same_label_in_a_row_are_applied_together_once_there_are_enough(make_settings):
+def test_sets_that_stand_refused_on_the_same_label_are_applied_together_once_there_are_enough(make_settings):
     # The check after training off: what corroboration lets through is applied.
     settings = make_settings(gate_corroborate=3, gate_max_old_drop=1.0)
     stores = Stores(settings)
