@@ -36,8 +36,11 @@ class Settings(BaseSettings):
     lr: float | None = Field(
         None,
         gt=0,
-        description="SGD learning rate of every step; unset: 0.01 from random weights (base weights none), "
-        "the paper's 0.001 from imagenet or a state dict.",
+        description="SGD learning rate of the first version and of a consolidation (training on the whole memory); "
+        "unset: 0.01 from random weights (base weights none), the paper's 0.001 from imagenet or a state dict.",
+    )
+    finetune_lr: float | None = Field(
+        None, gt=0, description="SGD learning rate of the short fine-tune with replay; unset: WARMTUNE_LR's rate."
     )
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
     weight_decay: float = Field(0.0005, ge=0, description="L2 weight decay.")
@@ -205,8 +208,11 @@ class Settings(BaseSettings):
     job_timeout_s: int = Field(3600, ge=1, description="RQ job timeout in seconds.")
     poll_interval_s: float = Field(2.0, gt=0, description="How often each API replica checks the snapshot pointer.")
 
-    def learning_rate(self, base_weights: str) -> float:
-        """The rate of a lineage that started from these base weights (its first version's)."""
+    def learning_rate(self, base_weights: str, short_fine_tune: bool = False) -> float:
+        """The rate of a lineage that started from these base weights: of its short fine-tunes, or
+        of its trainings on the whole memory (the first version's)."""
+        if short_fine_tune and self.finetune_lr is not None:
+            return self.finetune_lr
         if self.lr is not None:
             return self.lr
         # Random weights need a far larger rate than the paper's fine-tuning rate to move at all.

@@ -305,6 +305,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="another WARMTUNE_ setting (studies only)")
     parser.add_argument("--step-timeout", type=float, default=1800)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--keep", type=Path, help="keep the servers' homes and logs in this folder, to read afterwards")
     args = parser.parse_args(argv)
 
     logging.getLogger("worker").setLevel(logging.WARNING)  # the joint bound trains in this process
@@ -326,7 +327,8 @@ def main(argv: list[str] | None = None) -> dict:
         "runs": {},
     }
     print(f"stream benchmark: {args.arch} at {args.image_size} px on {device}; settings {extra or 'default'}")
-    with tempfile.TemporaryDirectory(prefix="warmtune-stream-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="warmtune-stream-") as temporary:
+        scratch = args.keep or temporary
         for name in args.runs.split(","):
             sets = plan_stream(
                 train,

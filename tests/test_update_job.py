@@ -354,10 +354,10 @@ def test_weak_classes_are_those_the_version_calls_right_too_rarely_on_enough_sam
     assert weak_classes(before, 0.0) == {}  # off
 
 
-def test_a_weak_old_class_makes_a_step_train_on_the_whole_memory_at_most_once_per_tenth_of_growth(settings, monkeypatch):
-    settings = settings.model_copy(update={"consolidate_growth": 1.5, "bootstrap_max_epochs": 8, "bootstrap_patience": 3})
+def test_a_weak_old_class_makes_a_step_train_on_the_whole_memory_at_most_once_per_tenth_of_its_own_growth(settings, monkeypatch):
+    settings = settings.model_copy(update={"consolidate_growth": 10.0, "bootstrap_max_epochs": 8, "bootstrap_patience": 3})
     stores = Stores(settings)
-    add(stores, *make_set({"red": 20, "green": 20}, seed=1))  # 36 training samples
+    add(stores, *make_set({"red": 20, "green": 60}, seed=1))  # 18 red and 54 green training samples
     apply_pending_updates(settings)
     seen = []
 
@@ -366,13 +366,17 @@ def test_a_weak_old_class_makes_a_step_train_on_the_whole_memory_at_most_once_pe
         return {"red": 0.0}
 
     monkeypatch.setattr("worker.jobs.weak_classes", red_is_weak)
-    add(stores, *make_set({"red": 10}, seed=2))  # 36 + 9 = 45 >= 1.1 * 36
+    add(stores, *make_set({"red": 10}, seed=2))  # red 18 + 9 = 27 >= 1.1 * 18 (the memory: 81 < 1.1 * 72 + 2)
     [whole] = apply_pending_updates(settings)
     assert whole.metrics["consolidated"] and whole.metrics["consolidated_because"] == "weak classes: red 0.00"
+    assert whole.metrics["samples_per_class"] == {"red": 27, "green": 54}
     assert seen and seen[0][1] > 0  # it was asked about the version's holdout answers
-    add(stores, *make_set({"red": 4}, seed=3))  # 45 + 4 = 49 < 1.1 * 45: the paper's step, weak or not
+    add(stores, *make_set({"green": 10}, seed=3))  # red has not grown: the paper's step, weak or not
     [short] = apply_pending_updates(settings)
     assert short.status == "applied" and not short.metrics["consolidated"]
+    add(stores, *make_set({"red": 3}, seed=4))  # red 27 + 3 = 30 >= 1.1 * 27
+    [again] = apply_pending_updates(settings)
+    assert again.metrics["consolidated"] and again.metrics["samples_per_class"]["red"] == 30
 
 
 def test_sets_that_stand_refused_on_the_same_label_are_applied_together_once_there_are_enough(make_settings):

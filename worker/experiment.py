@@ -154,7 +154,7 @@ class Protocol:
     device: str = "cpu"
 
 
-QUICK = {"repeats": 1, "initial_per_class": 100, "initial_epochs": 30, "sets_per_class": 5, "eval_per_class": 50}
+QUICK = {"repeats": 1, "initial_per_class": 100, "initial_epochs": 30, "sets_per_class": 4, "eval_per_class": 50}
 
 
 @dataclass

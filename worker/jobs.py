@@ -56,9 +56,9 @@ RECORD = "answers_before_training"
 # label's images lay among the stored images' class means (GET /updates/{id} shows it).
 NEAREST = "nearest_means"
 
-# A whole-memory training for weak classes waits until the memory has grown by this factor since
-# the last one: a class that stays weak (a look-alike even joint training confuses) costs a
-# bounded number of them, about log(N)/log(1.1).
+# A whole-memory training for a weak class waits until that class's samples have grown by this
+# factor since the last one: a class that stays weak (a look-alike even joint training confuses)
+# costs a bounded number of them, about log(N)/log(1.1) for its N samples.
 WEAK_CLASS_GROWTH = 1.1
 
 
@@ -477,12 +477,11 @@ def train_and_judge(settings: Settings, stores: Stores, step: Step) -> Candidate
         return train_and_check(settings, step, consolidate=True, why="the first version")
     if settings.consolidate_growth == 0:
         return train_and_check(settings, step, consolidate=False)
-    samples = len(step.old_train) + len(step.new_train)
-    parent = step.parent.version
+    last = last_whole_memory_training(stores.snapshots.ancestors(step.parent.version))
     weak = weak_classes(step.before, settings.consolidate_weak_recall)
-    if consolidation_due(settings.consolidate_growth, stores.snapshots.ancestors(parent), samples):
+    if consolidation_due(settings.consolidate_growth, last, len(step.old_train) + len(step.new_train)):
         return train_and_check(settings, step, consolidate=True, why="the memory grew")
-    if weak and consolidation_due(WEAK_CLASS_GROWTH, stores.snapshots.ancestors(parent), samples):
+    if weak and weak_class_grew(weak, last, samples_per_class(step)):
         # A class the current version has lost (or never generalised to) on its holdout: the short
         # fine-tune only trains on it in proportion to its share of the memory; the whole memory does.
         why = "weak classes: " + ", ".join(f"{c} {r:.2f}" for c, r in weak.items())
@@ -537,11 +536,12 @@ def step_metrics(settings: Settings, step: Step, candidate: Candidate, holdout_b
         "short_fine_tune": candidate.short_fine_tune,
         "iterations": stats.iterations,
         "epochs": stats.epochs,
-        "lr": settings.learning_rate(step.base_weights),
+        "lr": settings.learning_rate(step.base_weights, short_fine_tune=not candidate.consolidated),
         "loss": stats.loss,
         "replay_lambda": settings.replay_lambda,
         "samples_old": len(step.old_train),
         "samples_new": len(step.new_train),
+        "samples_per_class": dict(samples_per_class(step)),
         "new_classes": step.new_classes,
         "warm_start_from": step.parent.version if step.parent else None,
         "seed": step.seed,
@@ -671,19 +671,44 @@ def new_classes_learned(
     return Answers.of(predict_logits(model, subset, device), subset.labels, classes).accuracy() or 0.0
 
 
-def consolidation_due(growth: float, lineage: Iterable[SnapshotMeta], samples: int) -> bool:
+def last_whole_memory_training(lineage: Iterable[SnapshotMeta]) -> SnapshotMeta | None:
+    """The newest version of the lineage that trained on the whole memory: a consolidation or the first version."""
+    for meta in lineage:  # newest first: only the versions since the last consolidation are read
+        if meta.metrics.get("consolidated") or meta.metrics.get("first_version"):
+            return meta
+    return None
+
+
+def consolidation_due(growth: float, last: SnapshotMeta | None, samples: int) -> bool:
     """Whether a step with this many training samples in all should retrain on the whole memory:
-    they have grown by the factor since the last version that did (the first version did).
+    they have grown by the factor since the last version that did.
 
     Growth by a factor keeps the cost of all consolidations within a constant multiple of one
     training on all the data: each trains on at most 1/growth of the next one's samples.
     """
     if growth == 0:
         return False
-    for meta in lineage:  # newest first: only the versions since the last consolidation are read
-        if meta.metrics.get("consolidated") or meta.metrics.get("first_version"):
-            return samples >= growth * (meta.metrics.get("samples_old", 0) + meta.metrics.get("samples_new", 0))
-    return True
+    if last is None:
+        return True
+    return samples >= growth * (last.metrics.get("samples_old", 0) + last.metrics.get("samples_new", 0))
+
+
+def weak_class_grew(weak: Iterable[str], last: SnapshotMeta | None, samples: Counter[str]) -> bool:
+    """Whether some weak class has gained samples, by WEAK_CLASS_GROWTH at least, since the last
+    training on the whole memory.
+
+    Counted per class, not over the whole memory: the class the annotators are teaching now (the
+    last new class of a stream) grows by a third with each of its sets while the memory grows by
+    a few percent, so its weakness is answered while its sets arrive. A class that stays weak
+    costs about log(its samples)/log(WEAK_CLASS_GROWTH) such trainings.
+    """
+    then = (last.metrics.get("samples_per_class") or {}) if last else {}
+    return any(samples[c] > then.get(c, 0) and samples[c] >= WEAK_CLASS_GROWTH * then.get(c, 0) for c in weak)
+
+
+def samples_per_class(step: Step) -> Counter[str]:
+    """The step's training samples (old and new) by label."""
+    return Counter(s.label for part in (step.old_train, step.new_train) for s in part.samples)
 
 
 def train_candidate(settings: Settings, step: Step, consolidate: bool) -> TrainStats:

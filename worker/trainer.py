@@ -50,11 +50,12 @@ class TrainConfig:
 
     @classmethod
     def from_settings(cls, settings: Settings, base_weights: str, iterations: int) -> TrainConfig:
-        """The settings for a lineage that started from these base weights."""
+        """The settings for a lineage that started from these base weights: a short fine-tune of
+        this many iterations, or (0) a training on the whole memory, whose epochs decide."""
         return cls(
             iterations=iterations,
             batch_size=settings.batch_size,
-            lr=settings.learning_rate(base_weights),
+            lr=settings.learning_rate(base_weights, short_fine_tune=iterations > 0),
             momentum=settings.momentum,
             weight_decay=settings.weight_decay,
             replay_lambda=settings.replay_lambda,
