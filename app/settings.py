@@ -70,8 +70,8 @@ class Settings(BaseSettings):
         ge=0,
         le=1,
         description="A step also retrains on the whole memory when the current version calls fewer than this share of "
-        "some old class's holdout samples (3 or more) by their label, once the samples have grown by 10 % since the "
-        "last such training; 0: off. Needs WARMTUNE_CONSOLIDATE_GROWTH above 0.",
+        "some old class's holdout samples (3 or more) by their label, once that class's samples have grown by 10 % "
+        "since the last such training; 0: off. Needs WARMTUNE_CONSOLIDATE_GROWTH above 0.",
     )
     holdout_fraction: float = Field(0.1, ge=0, lt=1, description="Fraction of each update set kept for the gate.")
     gate_max_old_drop: float = Field(

@@ -379,6 +379,47 @@ def test_a_weak_old_class_makes_a_step_train_on_the_whole_memory_at_most_once_pe
     assert again.metrics["consolidated"] and again.metrics["samples_per_class"]["red"] == 30
 
 
+def test_a_short_fine_tune_that_leaves_a_grown_class_weak_is_set_aside_for_the_whole_memory(settings, monkeypatch):
+    settings = settings.model_copy(update={"consolidate_growth": 10.0, "bootstrap_max_epochs": 8, "bootstrap_patience": 3})
+    stores = Stores(settings)
+    add(stores, *make_set({"red": 20, "green": 60}, seed=1))
+    apply_pending_updates(settings)
+    calls = []
+
+    def red_weak_after_training(answers, below):  # called on the current version, then on the candidate
+        calls.append(len(answers))
+        return {"red": 0.0} if len(calls) % 2 == 0 else {}
+
+    monkeypatch.setattr("worker.jobs.weak_classes", red_weak_after_training)
+    add(stores, *make_set({"green": 10}, seed=2))  # red has not grown since the first version: kept
+    [kept] = apply_pending_updates(settings)
+    assert kept.status == "applied" and not kept.metrics["consolidated"]
+    add(stores, *make_set({"red": 10}, seed=3))  # red grew: the weak candidate is set aside
+    [whole] = apply_pending_updates(settings)
+    assert whole.status == "applied" and whole.metrics["consolidated"], whole
+    assert whole.metrics["short_fine_tune"]["why"] == "it leaves weak classes: red 0.00"
+    assert len(calls) == 4  # the current version and the short fine-tune's candidate, in each step
+
+
+def test_the_short_fine_tune_trains_at_its_own_rate_and_the_whole_memory_at_the_lineage_rate(make_settings, monkeypatch):
+    settings = make_settings(finetune_lr=0.002, consolidate_growth=10.0, bootstrap_max_epochs=8, bootstrap_patience=3)
+    stores = Stores(settings)
+    add(stores, *make_set({"red": 20, "green": 20}, seed=1))
+    [first] = apply_pending_updates(settings)
+    rates = []
+
+    def spy(model, old, new, cfg, *args):
+        rates.append(cfg.lr)
+        return TrainStats(iterations=cfg.iterations, loss=0.1, seconds=0.0)
+
+    monkeypatch.setattr("worker.jobs.fine_tune", spy)
+    add(stores, *make_set({"red": 10}, seed=2))
+    [step] = apply_pending_updates(settings)
+    assert first.metrics["lr"] == 0.01  # random weights: the lineage's rate
+    assert rates == [0.002]
+    assert step.status == "applied" and not step.metrics["consolidated"] and step.metrics["lr"] == 0.002
+
+
 def test_sets_that_stand_refused_on_the_same_label_are_applied_together_once_there_are_enough(make_settings):
     # The check after training off: what corroboration lets through is applied.
     settings = make_settings(gate_corroborate=3, gate_max_old_drop=1.0)
