@@ -620,11 +620,15 @@ def judge_candidate(settings: Settings, step: Step, stats: TrainStats) -> tuple[
     verdict = check_training(stats.loss)
     if verdict.passed:
         verdict = check_old_knowledge(step.before, kept, settings.gate_max_old_drop, settings.gate_drop_alpha)
-    return verdict, both, {
-        "holdout_after": holdout_summary(old_after, new_after),
-        "holdout_after_per_class": per_class(both),
-        "old_classes_apart": {"before": step.before.accuracy(), "after": kept.accuracy()},
-    }
+    return (
+        verdict,
+        both,
+        {
+            "holdout_after": holdout_summary(old_after, new_after),
+            "holdout_after_per_class": per_class(both),
+            "old_classes_apart": {"before": step.before.accuracy(), "after": kept.accuracy()},
+        },
+    )
 
 
 def replay_memory(
