@@ -99,7 +99,7 @@ class Settings(BaseSettings):
         "recall of the class explains, at this significance; 0: no agreement test.",
     )
     gate_relabel_share: float = Field(
-        0.2,
+        0.4,
         ge=0,
         lt=1,
         description="Refuse a set labelled as a known class (5 or more of its images, 20 or more stored) when at most this "

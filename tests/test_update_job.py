@@ -282,10 +282,10 @@ def test_a_set_the_nearest_mean_test_refused_needs_half_its_images_nearest_its_l
     by_relabel = Attempt("rejected", 1.0, 3, "labels contradict", {"refused_by": "relabel"})
     by_itself = Attempt("requeued", 2.0, 4, "reconsidered", {"automatic": True})
     by_request = Attempt("requeued", 2.0, 4, "retried on request", {"automatic": False})
-    assert nearest_share(settings, []) == settings.gate_relabel_share == 0.2
+    assert nearest_share(settings, []) == settings.gate_relabel_share == 0.4
     assert nearest_share(settings, [refused, by_itself]) == 0.5  # hysteresis
-    assert nearest_share(settings, [refused, by_request]) == 0.2  # an annotator's call is judged like a new set
-    assert nearest_share(settings, [by_relabel, by_itself]) == 0.2
+    assert nearest_share(settings, [refused, by_request]) == settings.gate_relabel_share  # an annotator's call is judged like a new set
+    assert nearest_share(settings, [by_relabel, by_itself]) == settings.gate_relabel_share
     assert nearest_share(settings.model_copy(update={"gate_relabel_share": 0.0}), [refused, by_itself]) == 0.0
 
 

@@ -58,7 +58,10 @@ class Setting:
     replay_lambda: float = Settings.model_fields["replay_lambda"].default
     noise: float = 0.0
     gate: bool = False
-    nearest_share: float = Settings.model_fields["gate_relabel_share"].default  # with the gate on
+    # With the gate on. The gate studies in experiments/results.csv ran at 0.2, the service's default
+    # until WARMTUNE_GATE_RELABEL_SHARE moved to 0.4 (the stream benchmark's poisoned sets); pinned so
+    # that their rows stay the runs of these settings.
+    nearest_share: float = 0.2
     poisoned: bool = False  # the stream with POISON's sets among the clean ones
     head_init: str = Settings.model_fields["head_init"].default
     batchnorm: str = Settings.model_fields["finetune_batchnorm"].default
