@@ -328,7 +328,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(f"stream benchmark: {args.arch} at {args.image_size} px on {device}; settings {extra or 'default'}")
     with tempfile.TemporaryDirectory(prefix="warmtune-stream-") as temporary:
-        scratch = args.keep or temporary
+        scratch = args.keep or Path(temporary)
+        scratch.mkdir(parents=True, exist_ok=True)
         for name in args.runs.split(","):
             sets = plan_stream(
                 train,
@@ -340,7 +341,7 @@ def main(argv: list[str] | None = None) -> dict:
                 poisoned=name == "poisoned",
             )
             print(f"\n{name} run: {len(sets)} sets", flush=True)
-            home = Path(scratch) / name
+            home = scratch / name
             outcome = run_stream(sets, test, {**os.environ, **base_env, "WARMTUNE_HOME": str(home)}, home, args.step_timeout)
             report["runs"][name] = summarize(sets, outcome)
             print_run(name, report["runs"][name])
@@ -348,7 +349,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not args.no_joint:
             sets = plan_stream(train, args.seed, args.initial_classes, args.initial_per_class, args.per_new_class, args.set_size, False)
             values = {"arch": args.arch, "image_size": args.image_size, "log_every": 10**9, **extra}
-            settings = Settings(**values, home=Path(scratch) / "joint")
+            settings = Settings(**values, home=scratch / "joint")
             per_class = joint_bound(sets, test, settings)
             report["joint"] = {"final_accuracy": statistics.fmean(per_class.values()), "per_class": per_class}
             print(
