@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     read = sum(bool(run) for run in per_run)
     print(f"{read} of {len(runs)} runs kept the counts: the first checks of {clean} clean and {poisoned} poisoned sets")
     print("| share | alpha | clean refused | poisoned refused |\n| --- | --- | --- | --- |")
-    for share in (0.2, 0.3, 0.5):
+    for share in (0.2, 0.3, 0.4, 0.5):
         for alpha in (None, 0.01, 0.05):
             hit = Counter(c.poisoned for c in checks if refused(c, share, alpha, args.least))
             print(f"| {share:g} | {'fixed share only' if alpha is None else alpha} | {hit[False]} of {clean} | {hit[True]} of {poisoned} |")
