@@ -91,9 +91,11 @@ bench-consolidation: install
 			--out bench/results/consolidation/off-$$rep; \
 	done
 
-# GET /updates/{id} and /metrics against 10 to 1000 versions and 100 to 10,000 sets (about 2 minutes).
+# GET /updates/{id} and /metrics against 10 to 1000 versions and 100 to 10,000 sets (about 2 minutes),
+# then a step's cost at 10, 100 and 1000 applied sets (about 8 minutes).
 bench-history: install
 	$(BIN)/warmtune bench history
+	$(BIN)/warmtune bench history --at 10,100,1000 --set consolidate_growth=0
 
 # The gate's label-check rules on crafted clean, relabelled and half-wrong sets (about 8 minutes).
 bench-label-check: install

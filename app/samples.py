@@ -44,6 +44,11 @@ class Sample:
     data: bytes | None = None
     archive: Path | None = None  # the update set's zip, when data is None
 
+    @property
+    def key(self) -> tuple[str, int]:
+        """What names this sample across steps and processes: its set and its place in it."""
+        return self.update_id, self.index
+
     def read(self) -> bytes:
         if self.data is not None:
             return self.data

@@ -27,13 +27,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
 import torch
 from PIL import Image
 
+from app.datasets import LabelledImages, fashion_mnist
 from app.model import build_model
+from app.samples import UpdateSet
 from app.settings import Settings
 from app.snapshots import SnapshotMeta
 from app.stores import Stores
@@ -145,43 +148,116 @@ def rss_mb() -> float:
     return float("nan")
 
 
-def run_steps(steps: int, set_size: int, out: Path, extra: dict[str, str]) -> list[dict]:
-    """N update steps of set_size images, with these settings besides the defaults; one row per step."""
-    from app.datasets import fashion_mnist
+def first_version(home: Path, extra: dict[str, str]) -> tuple[Settings, Stores, LabelledImages, random.Random]:
+    """A home whose version 1 knows all ten classes (20 images each), so later steps add no class."""
     from worker.jobs import apply_pending_updates
 
     data = fashion_mnist("train")
     rng = random.Random(0)
+    settings = Settings(home=home, arch="resnet18", image_size=32, device="cpu", seed=0, **extra)
+    stores = Stores(settings)
+    stores.samples.add([i for c in data.classes for i in data.take(c, 20, rng)], [c for c in data.classes for _ in range(20)])
+    apply_pending_updates(settings)
+    return settings, stores, data, rng
+
+
+def add_set(stores: Stores, data: LabelledImages, rng: random.Random, set_size: int) -> UpdateSet:
+    labels = [rng.choice(data.classes) for _ in range(set_size)]
+    return stores.samples.add([data.take(c, 1, rng)[0] for c in labels], labels)[0]
+
+
+def timed_step(settings: Settings, stores: Stores) -> dict:
+    """Apply what is pending, as the service's worker does (its stores kept from job to job)."""
+    from worker.jobs import apply_pending_updates
+
+    clock = time.perf_counter()
+    results = apply_pending_updates(settings, stores=stores)  # a reconsidered set may add a step
+    seconds = time.perf_counter() - clock
+    m = results[-1].metrics
+    return {
+        "status": ",".join(r.status for r in results),
+        "seconds": seconds,
+        "load_s": m.get("load_seconds"),
+        "train_s": m.get("train_seconds"),
+        "evaluate_s": m.get("evaluate_seconds"),
+        "rss_mb": rss_mb(),
+        "disk_mb": disk_bytes(settings.home) / 1e6,
+        "samples_old": m.get("samples_old"),
+        "consolidated": bool(m.get("consolidated")),
+    }
+
+
+def run_steps(steps: int, set_size: int, out: Path, extra: dict[str, str]) -> list[dict]:
+    """N update steps of set_size images, with these settings besides the defaults; one row per step."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        settings = Settings(home=Path(tmp) / "home", arch="resnet18", image_size=32, device="cpu", seed=0, **extra)
-        stores = Stores(settings)
-        stores.samples.add([i for c in data.classes for i in data.take(c, 20, rng)], [c for c in data.classes for _ in range(20)])
-        apply_pending_updates(settings)  # version 1: every class, so later steps add no class
+        settings, stores, data, rng = first_version(Path(tmp) / "home", extra)
         for step in range(1, steps + 1):
-            labels = [rng.choice(data.classes) for _ in range(set_size)]
-            stores.samples.add([data.take(c, 1, rng)[0] for c in labels], labels)
-            clock = time.perf_counter()
-            results = apply_pending_updates(settings, stores=stores)  # as the service runs it; a reconsidered set may add a step
-            seconds = time.perf_counter() - clock
-            m = results[-1].metrics
-            rows.append(
-                {
-                    "step": step,
-                    "status": ",".join(r.status for r in results),
-                    "seconds": seconds,
-                    "load_s": m.get("load_seconds"),
-                    "train_s": m.get("train_seconds"),
-                    "evaluate_s": m.get("evaluate_seconds"),
-                    "rss_mb": rss_mb(),
-                    "disk_mb": disk_bytes(settings.home) / 1e6,
-                    "samples_old": m.get("samples_old"),
-                    "consolidated": bool(m.get("consolidated")),
-                }
-            )
+            add_set(stores, data, rng, set_size)
+            rows.append({"step": step, **timed_step(settings, stores)})
             if step % 10 == 0:
                 print(json.dumps(rows[-1]), flush=True)
                 out.write_text(json.dumps({"set_size": set_size, "settings": extra, "rows": rows}, indent=1))
+    return rows
+
+
+def fast_forward(stores: Stores, sets: int, data: LabelledImages, rng: random.Random, set_size: int) -> None:
+    """Apply this many more sets without training: a version per set with the current weights and the
+    record of answers a step would leave; the weights of all but the last are a placeholder, as
+    retention would have pruned them."""
+    from worker.jobs import RECORD
+
+    current = stores.snapshots.meta(stores.snapshots.current())
+    weights = stores.snapshots.weights(current.version)
+    for k in range(sets):
+        update = add_set(stores, data, rng, set_size)
+        meta = current.model_copy(
+            update={
+                "version": 0,
+                "parent": stores.snapshots.current(),
+                "update_ids": [update.update_id],
+                "metrics": {RECORD: {label: {label: n} for label, n in Counter(update.labels).items()}},
+            }
+        )
+        stores.snapshots.publish(weights if k == sets - 1 else {"w": torch.zeros(1)}, meta)
+    stores.snapshots.prune(stores.settings.retain_versions, stores.settings.retain_seconds)
+
+
+def run_at_sizes(sizes: list[int], steps: int, set_size: int, out: Path, extra: dict[str, str]) -> list[dict]:
+    """Real update steps at each history size (applied sets), the history between them applied
+    without training (fast_forward): the cost of a step at 1000 sets in minutes, not hours."""
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        settings, stores, data, rng = first_version(Path(tmp) / "home", extra)
+        applied = 0
+        for size in sizes:
+            fast_forward(stores, size - applied, data, rng, set_size)
+            for step in range(steps):
+                add_set(stores, data, rng, set_size)
+                rows.append({"history": size, "step": step, **timed_step(settings, stores)})
+            applied = size + steps
+            window = [r for r in rows if r["history"] == size]
+            print(f"{size} sets: median step {statistics.median(r['seconds'] for r in window):.3f} s", flush=True)
+            out.write_text(json.dumps({"set_size": set_size, "settings": extra, "steps_per_size": steps, "rows": rows}, indent=1))
+    return rows
+
+
+def report_sizes(rows: list[dict]) -> list[dict]:
+    """Medians of each size's steps, and the whole step against the smallest size's."""
+    sizes = sorted({r["history"] for r in rows})
+    medians = {
+        n: {
+            k: statistics.median(r[k] for r in rows if r["history"] == n and r[k] is not None)
+            for k in ("seconds", "load_s", "train_s", "evaluate_s")
+        }
+        for n in sizes
+    }
+    print("| applied sets | whole step | training | gate evaluation after | loading | x the smallest |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for n in sizes:
+        m = medians[n]
+        ratio = m["seconds"] / medians[sizes[0]]["seconds"]
+        print(f"| {n} | {m['seconds']:.2f} s | {m['train_s']:.2f} s | {m['evaluate_s']:.3f} s | {m['load_s']:.3f} s | {ratio:.2f}x |")
     return rows
 
 
@@ -211,12 +287,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--sizes", nargs="+", default=["10:100", "100:1000", "1000:10000"], help="VERSIONS:SETS")
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--steps", type=int, default=0, help="run this many update steps instead of the lookups")
+    parser.add_argument(
+        "--at",
+        default="",
+        help="history sizes (applied sets, e.g. 10,100,1000): real steps at each, the history between them applied without training",
+    )
+    parser.add_argument("--steps-at", type=int, default=20, help="real steps at each size of --at")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="another setting for --steps")
     args = parser.parse_args(argv)
+    extra = dict(kv.split("=", 1) for kv in args.set)
+    if args.at:
+        return report_sizes(
+            run_at_sizes([int(n) for n in args.at.split(",")], args.steps_at, 10, args.out or RESULTS / "history-at.json", extra)
+        )
     if args.steps:
         out = args.out or RESULTS / "history-steps.json"
-        rows = run_steps(args.steps, 10, out, dict(kv.split("=", 1) for kv in args.set))
+        rows = run_steps(args.steps, 10, out, extra)
         plot_steps(rows, out.with_suffix(".png"))
         return rows
     args.out = args.out or RESULTS / "history-lookups.json"

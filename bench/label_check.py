@@ -70,7 +70,7 @@ def train_version(
     model = model_from_state(meta.arch, stores.snapshots.weights(step.model_version))
     index = {c: i for i, c in enumerate(meta.classes)}
     device = torch.device("cpu")
-    memory, holdout = replay_memory(stores, meta, index, image_size, settings.gate_holdout_per_class, seed)
+    memory, holdout = replay_memory(stores, meta, index, image_size, settings.gate_holdout_per_class)
     known = Answers.of(predict_logits(model, holdout, device), holdout.labels, meta.classes)
     means = stored_means(settings, model, memory, device)
     test = fashion_mnist("test")

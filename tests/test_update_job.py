@@ -13,8 +13,20 @@ from app.model import build_model
 from app.snapshots import SnapshotMeta
 from app.stores import Attempt, Stores
 from worker.gate import Answers
-from worker.jobs import NEAREST, RECORD, apply_pending_updates, known_answers, nearest_share, relabel_factor, weak_classes
-from worker.trainer import TrainStats
+from worker.jobs import (
+    NEAREST,
+    RECORD,
+    answers_before,
+    apply_pending_updates,
+    holdout_draw,
+    holdout_memo,
+    known_answers,
+    nearest_share,
+    relabel_factor,
+    start_step,
+    weak_classes,
+)
+from worker.trainer import TrainStats, predict_logits
 
 
 def add(stores: Stores, images, labels) -> str:
@@ -459,3 +471,37 @@ def test_corroborated_sets_still_face_the_check_after_training_and_are_not_tried
     third = add(stores, *poisoned_set("green", "red", 20, seed=12))
     [alone] = apply_pending_updates(settings)
     assert alone.status == "rejected" and alone.update_ids == [third] and alone.metrics["refused_label"] == "red"
+
+
+def test_the_gate_draws_a_bounded_holdout_that_a_new_set_changes_only_by_its_own_samples(settings):
+    stores = Stores(settings)
+    older = [stores.samples.add(*make_set({"red": 20, "green": 20}, seed=s))[0] for s in range(4)]
+    draw = holdout_draw(older, per_class=5)
+    assert Counter(s.label for s in draw) == {"red": 5, "green": 5}
+    assert holdout_draw(older, per_class=5) == draw  # the same sets, the same draw: no seed, no clock
+    newer = stores.samples.add(*make_set({"red": 20, "green": 20}, seed=9))[0]
+    after = holdout_draw([*older, newer], per_class=5)
+    assert Counter(s.label for s in after) == {"red": 5, "green": 5}
+    # what was drawn stays drawn, except where the new set's own samples rank before it
+    assert {s.key for s in after} <= {s.key for s in draw} | {s.key for s in newer.samples(holdout=True)}
+
+
+def test_a_long_lived_caller_answers_the_old_holdout_from_the_last_step_as_the_version_would(settings):
+    stores = Stores(settings)
+    add(stores, *make_set({"red": 30, "green": 30}, seed=1))
+    apply_pending_updates(settings, stores=stores)
+    add(stores, *make_set({"blue": 20}, seed=2))
+    [r2] = apply_pending_updates(settings, stores=stores)
+    memo = holdout_memo(stores)
+    assert memo.version == r2.model_version == 2
+    # the memo holds what version 2 itself answers for every sample its next step draws
+    meta = stores.snapshots.meta(2)
+    step = start_step(settings, stores, [])
+    assert len(step.old_holdout) > 0 and {s.key for s in step.old_holdout.samples} <= set(memo.answers)
+    fresh = Answers.of(predict_logits(step.model, step.old_holdout, step.device), step.old_holdout.labels, meta.classes)
+    assert answers_before(step, memo) == fresh
+    # answers from another version are not taken: a memo of version 1 is answered afresh
+    memo.version, memo.answers = 1, {key: "green" for key in memo.answers}
+    assert answers_before(step, memo) == fresh
+    memo.version = 2  # ... while those of version 2 are, without a forward pass
+    assert set(answers_before(step, memo).predicted) == {"green"}

@@ -4,11 +4,13 @@ thread and an RQ worker. Only where it is queued and how its swap is announced d
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import time
 import traceback
 import uuid
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -170,13 +172,70 @@ class SetTensors:
 
 
 def per_class_draw(samples: list[Sample], per_class: int, rng: random.Random) -> list[Sample]:
-    """At most per_class samples of each label, drawn at random and kept in their order, so what
-    the gate reads (the old holdout, the stored images' means) does not grow with the history."""
+    """At most per_class samples of each label, drawn at random and kept in their order, so the
+    stored images' means the gate reads do not cost more as the history grows."""
     by_label: dict[str, list[int]] = {}
     for i, sample in enumerate(samples):
         by_label.setdefault(sample.label, []).append(i)
     chosen = sorted(i for members in by_label.values() for i in (members if len(members) <= per_class else rng.sample(members, per_class)))
     return [samples[i] for i in chosen]
+
+
+def holdout_draw(sets: list[UpdateSet], per_class: int) -> list[Sample]:
+    """The old holdout the gate reads: of each label, the per_class holdout samples whose digests
+    rank first, in their order. A sample once drawn stays drawn until per_class later samples of
+    its label rank before it, so the draw is bounded and consecutive steps read nearly the same
+    samples: the last step's answers and pixels for them (HoldoutMemo) serve the next."""
+    ranked: dict[str, list[tuple[bytes, int]]] = {}
+    samples = [s for u in sets for s in u.samples(holdout=True)]
+    ranks = [hashlib.sha256(f"{u.fingerprint or u.update_id}:{i}".encode()).digest() for u in sets for i in sorted(u.holdout)]
+    for position, (sample, rank) in enumerate(zip(samples, ranks, strict=True)):
+        ranked.setdefault(sample.label, []).append((rank, position))
+    chosen = sorted(position for members in ranked.values() for _, position in sorted(members)[:per_class])
+    return [samples[i] for i in chosen]
+
+
+@dataclass
+class HoldoutMemo:
+    """What a process's last step leaves its next about the old holdout: the answers of one version
+    (the one it published, or the current one when it published none) and the pixels, by
+    Sample.key. The next step's draw is nearly the same, and its current version is usually that
+    one, so it decodes and answers only what is new to it: at 1000 applied sets the answers and
+    decodes before training cost as much as the evaluation after it (bench/history.py --at)."""
+
+    version: int | None = None
+    image_size: int = 0
+    answers: dict[tuple[str, int], str] = field(default_factory=dict)
+    pixels: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+
+
+# One memo per Stores object: a long-lived caller (the RQ worker, the embedded worker thread)
+# keeps its stores from job to job, so its memo lives as long; a new Stores starts empty.
+_memos: weakref.WeakKeyDictionary[Stores, HoldoutMemo] = weakref.WeakKeyDictionary()
+
+
+def holdout_memo(stores: Stores) -> HoldoutMemo:
+    return _memos.setdefault(stores, HoldoutMemo())
+
+
+def remember_holdout(memo: HoldoutMemo, version: int, image_size: int, holdouts: list[SampleTensors], answers: Answers) -> None:
+    """Keep a version's answers on these holdout samples (answers in their order) and their pixels."""
+    samples = [s for h in holdouts for s in h.samples]
+    memo.version, memo.image_size = version, image_size
+    memo.answers = {s.key: p for s, p in zip(samples, answers.predicted, strict=True)}
+    memo.pixels = {key: pixels for h in holdouts for key, pixels in h.decoded_by_key().items()}
+
+
+def answers_before(step: Step, memo: HoldoutMemo) -> Answers:
+    """The current version's answers on the old holdout: those the memo holds, and a forward pass for the rest."""
+    held = memo.answers if step.parent is not None and memo.version == step.parent.version else {}
+    missing = [i for i, s in enumerate(step.old_holdout.samples) if s.key not in held]
+    computed = Answers.of(predict_logits(step.model, step.old_holdout.subset(missing), step.device), [""] * len(missing), step.old_classes)
+    predicted = dict(zip(missing, computed.predicted, strict=True))
+    return Answers(
+        tuple(step.old_holdout.labels),
+        tuple(predicted[i] if i in predicted else held[s.key] for i, s in enumerate(step.old_holdout.samples)),
+    )
 
 
 def set_tensors(sets: list[UpdateSet], classes: list[str], image_size: int) -> list[SetTensors]:
@@ -346,6 +405,8 @@ def apply_step(settings: Settings, stores: Stores, pending: list[UpdateSet], loc
     # The record goes with the published version only: the label checks read it from the lineage.
     metrics[RECORD] = record
     published = publish(settings, stores, step.model, step.parent, step.classes, step.image_size, step.base_weights, accepted, metrics)
+    assert step.new_holdout is not None and published.model_version is not None
+    remember_holdout(holdout_memo(stores), published.model_version, step.image_size, [step.old_holdout, step.new_holdout], candidate.after)
     return refused + [published]
 
 
@@ -359,7 +420,10 @@ def start_step(settings: Settings, stores: Stores, pending: list[UpdateSet]) -> 
     old_classes = parent.classes if parent else []
     image_size = parent.image_size if parent else settings.image_size
     old_index = {c: i for i, c in enumerate(old_classes)}
-    old_train, old_holdout = replay_memory(stores, parent, old_index, image_size, settings.gate_holdout_per_class, seed)
+    old_train, old_holdout = replay_memory(stores, parent, old_index, image_size, settings.gate_holdout_per_class)
+    memo = holdout_memo(stores)
+    if memo.image_size == image_size:
+        old_holdout.reuse(memo.pixels)
     incoming = list(dict.fromkeys(label for u in pending for label in u.labels if label not in old_index))
     return Step(
         device=device,
@@ -383,7 +447,9 @@ def check_labels_of_sets(settings: Settings, stores: Stores, step: Step) -> tupl
     the step; returns their attempts and the version's answers on the accepted sets (the record)."""
     if step.parent is None:
         return [], {}
-    step.before = Answers.of(predict_logits(step.model, step.old_holdout, step.device), step.old_holdout.labels, step.old_classes)
+    step.old_holdout.decoded()  # once, for the answers before training and after it
+    step.before = answers_before(step, holdout_memo(stores))
+    remember_holdout(holdout_memo(stores), step.parent.version, step.image_size, [step.old_holdout], step.before)
     accepted, refused, record, step.nearest = refuse_contradicting_sets(
         settings, stores, step.model, step.parent, step.before, step.sets, step.device, step.old_train
     )
@@ -632,12 +698,12 @@ def judge_candidate(settings: Settings, step: Step, stats: TrainStats) -> tuple[
 
 
 def replay_memory(
-    stores: Stores, parent: SnapshotMeta | None, index: dict[str, int], image_size: int, holdout_per_class: int, seed: int
+    stores: Stores, parent: SnapshotMeta | None, index: dict[str, int], image_size: int, holdout_per_class: int
 ) -> tuple[SampleTensors, SampleTensors]:
     """D_{t-1}: the training samples of the parent's lineage, and the bounded draw of its holdout the gate reads."""
     old_sets = stores.replay_sets(parent.version if parent else None)
     train = [s for u in old_sets for s in u.samples(holdout=False)]
-    holdout = per_class_draw([s for u in old_sets for s in u.samples(holdout=True)], holdout_per_class, random.Random(seed))
+    holdout = holdout_draw(old_sets, holdout_per_class)
     return SampleTensors(train, index, image_size), SampleTensors(holdout, index, image_size)
 
 
