@@ -73,17 +73,21 @@ class Classifier(nn.Module):
         return self.model(x).float().softmax(dim=1)
 
 
-def serving_model(model: nn.Module, device: torch.device, image_size: int) -> nn.Module:
+def serving_model(
+    model: nn.Module, device: torch.device, image_size: int, memory_format: torch.memory_format = torch.channels_last
+) -> nn.Module:
     """A model prepared for inference on the device: a Classifier of uint8 pixels.
 
+    Channels-last memory by default: on a GPU for the bf16 autocast forward, and on the CPU
+    oneDNN's convolutions are faster in it too (bench/memory_format.py).
     On the CPU it is traced and frozen (TorchScript, batch-norm folded into the convolutions):
     a traced forward pass runs without the GIL, where an eager one takes it back between every
     layer, and the service's event loop and decode threads need the GIL too (bench/gil.py).
-    On a GPU, channels-last memory for the bf16 autocast forward.
     """
-    model = model.to(device).eval()
+    channels_last = memory_format == torch.channels_last
+    classifier = Classifier(model.to(device, memory_format=memory_format).eval(), channels_last)
     if device.type == "cuda":
-        return Classifier(model.to(memory_format=torch.channels_last), channels_last=True)
+        return classifier
     example = torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8)
     # TorchScript is deprecated in favour of torch.compile and torch.export, which compile for
     # tens of seconds per version on a CPU (a swap would wait for it); its warning would be
@@ -92,7 +96,7 @@ def serving_model(model: nn.Module, device: torch.device, image_size: int) -> nn
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        return torch.jit.freeze(torch.jit.trace(Classifier(model, channels_last=False).eval(), example))
+        return torch.jit.freeze(torch.jit.trace(classifier.eval(), example))
 
 
 def load_version(snapshots: SnapshotStore, version: int, device: torch.device) -> ServedModel:

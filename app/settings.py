@@ -87,9 +87,9 @@ class Settings(BaseSettings):
     gate_holdout_per_class: int = Field(
         50,
         ge=1,
-        description="The gate reads at most this many old holdout samples per class (a fixed stratified draw per "
-        "step), and the label check about as many recent answers per class from the lineage's record, so a step's "
-        "cost does not grow with all data ever accepted.",
+        description="The gate reads at most this many old holdout samples per class (a stratified draw that a new "
+        "set changes only by its own samples), and the label check about as many recent answers per class from the "
+        "lineage's record, so a step's cost does not grow with all data ever accepted.",
     )
     gate_label_alpha: float = Field(
         0.01,

@@ -17,7 +17,7 @@ Two checks, on what the models make of holdout samples (Answers: true and predic
    (sign) test against the noise of a small holdout.
 
 Holdout scopes in the metrics: "old" is the holdout of D_{t-1} (at most WARMTUNE_GATE_HOLDOUT_PER_CLASS
-samples of each class, drawn per step), "new" the holdout of U_t, "all" both.
+samples of each class: jobs.holdout_draw), "new" the holdout of U_t, "all" both.
 """
 
 from __future__ import annotations

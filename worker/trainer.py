@@ -280,9 +280,10 @@ class Accuracy:
 @torch.no_grad()
 def predict_logits(model: nn.Module, samples: SampleTensors, device: torch.device, batch_size: int = 256) -> torch.Tensor:
     """The model's (N, classes) float32 logits for every sample, on the CPU."""
-    # Channels-last on the CPU too: there oneDNN's convolutions answer ResNet-18 at 32 px 1.9x as
-    # fast in it (AlexNet at 64 px 1.2x), and training in it costs the same (an AMD EPYC's 2 cores;
-    # the gate's evaluations are what grows with the history, bench/history.py --at).
+    # Channels-last on the CPU too, where oneDNN's convolutions answer in it 1.8x as fast for
+    # ResNet-18 at 32 px and 1.25x for AlexNet at 64 px, and an SGD step on the model left so
+    # costs about the same (bench/memory_format.py): the gate's evaluations are what grows with
+    # the history (bench/history.py --at).
     model.to(device, memory_format=torch.channels_last).eval()
     out = []
     for lo in range(0, len(samples), batch_size):
