@@ -187,10 +187,12 @@ def holdout_draw(sets: list[UpdateSet], per_class: int) -> list[Sample]:
     its label rank before it, so the draw is bounded and consecutive steps read nearly the same
     samples: the last step's answers and pixels for them (HoldoutMemo) serve the next."""
     ranked: dict[str, list[tuple[bytes, int]]] = {}
-    samples = [s for u in sets for s in u.samples(holdout=True)]
-    ranks = [hashlib.sha256(f"{u.fingerprint or u.update_id}:{i}".encode()).digest() for u in sets for i in sorted(u.holdout)]
-    for position, (sample, rank) in enumerate(zip(samples, ranks, strict=True)):
-        ranked.setdefault(sample.label, []).append((rank, position))
+    samples: list[Sample] = []
+    for u in sets:
+        for sample in u.samples(holdout=True):
+            rank = hashlib.sha256(f"{u.fingerprint or u.update_id}:{sample.index}".encode()).digest()
+            ranked.setdefault(sample.label, []).append((rank, len(samples)))
+            samples.append(sample)
     chosen = sorted(position for members in ranked.values() for _, position in sorted(members)[:per_class])
     return [samples[i] for i in chosen]
 
@@ -200,8 +202,8 @@ class HoldoutMemo:
     """What a process's last step leaves its next about the old holdout: the answers of one version
     (the one it published, or the current one when it published none) and the pixels, by
     Sample.key. The next step's draw is nearly the same, and its current version is usually that
-    one, so it decodes and answers only what is new to it: at 1000 applied sets the answers and
-    decodes before training cost as much as the evaluation after it (bench/history.py --at)."""
+    one, so it decodes and answers only what is new to it (bench/history.py --at measures what
+    that saves at 1000 applied sets)."""
 
     version: int | None = None
     image_size: int = 0
