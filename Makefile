@@ -1,12 +1,7 @@
 # make test: install everything (Debian packages, .venv with pinned Python packages) and run the tests.
 # make test-labelstudio: warmtune as the ML backend of a real Label Studio (its own virtualenv, about 3 minutes).
-# make # The Docker image built and the compose stack run for real, on images made here from Debian's
-# archive (needs root for debootstrap; starts no dockerd: start one first). Minutes; not in make test.
-compose-test: install
-	@for p in docker.io debootstrap; do dpkg -s $$p >/dev/null 2>&1 || $(SUDO) apt-get install -y -q $$p; done
-	$(BIN)/python deploy/compose-test/run.py
-
-demo: install, then run the end-to-end demo on Fashion-MNIST.
+# make demo: install, then run the end-to-end demo on Fashion-MNIST.
+# make compose-test: the Docker image built and the compose stack run for real (see its target below).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -71,6 +66,12 @@ labelstudio-screenshot: install redis $(LABELSTUDIO_STAMP)
 
 demo: install
 	$(BIN)/warmtune demo
+
+# The Docker image built and the compose stack run for real, on images made here from Debian's
+# archive (needs root for debootstrap; starts no dockerd: start one first). Minutes; not in make test.
+compose-test: install
+	@for p in docker.io debootstrap; do dpkg -s $$p >/dev/null 2>&1 || $(SUDO) apt-get install -y -q $$p; done
+	$(BIN)/python deploy/compose-test/run.py
 
 bench: install
 	@dpkg -s wrk >/dev/null 2>&1 || $(SUDO) apt-get install -y -q wrk
