@@ -26,25 +26,24 @@ FORMATS = {"contiguous": torch.contiguous_format, "channels-last": torch.channel
 
 def forward_seconds(model: torch.nn.Module, images: int, image_size: int) -> float:
     """Seconds to answer `images` random images in batches of 256, after one warm-up batch."""
-    x = torch.randn(images, 3, image_size, image_size)
     model.eval()
     with torch.no_grad():
-        model(x[:256])
-        start = time.perf_counter()
-        for lo in range(0, images, 256):
-            model(x[lo : lo + 256])
-    return time.perf_counter() - start
+        return batches_seconds(model, torch.randn(images, 3, image_size, image_size), 256)
 
 
 def served_seconds(model: torch.nn.Module, images: int, image_size: int, memory_format: torch.memory_format) -> float:
     """Seconds for the served model to answer `images` random uint8 images in batches of 32."""
     served = serving_model(model, torch.device("cpu"), image_size, memory_format)
-    x = torch.randint(0, 256, (images, 3, image_size, image_size), dtype=torch.uint8)
     with torch.inference_mode():
-        served(x[:32])
-        start = time.perf_counter()
-        for lo in range(0, images, 32):
-            served(x[lo : lo + 32])
+        return batches_seconds(served, torch.randint(0, 256, (images, 3, image_size, image_size), dtype=torch.uint8), 32)
+
+
+def batches_seconds(model: torch.nn.Module, x: torch.Tensor, batch: int) -> float:
+    """Seconds for `model` to answer x in batches, after one warm-up batch."""
+    model(x[:batch])
+    start = time.perf_counter()
+    for lo in range(0, len(x), batch):
+        model(x[lo : lo + batch])
     return time.perf_counter() - start
 
 
