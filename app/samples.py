@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 import zipfile
+import zlib
 from collections.abc import Iterable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
@@ -35,6 +36,15 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class Member:
+    """Where an image lies in its update set's file: its zip member's local header, its size and CRC-32."""
+
+    offset: int
+    size: int
+    crc: int
+
+
+@dataclass(frozen=True)
 class Sample:
     """One labelled image: its bytes in memory, or where to read them when first needed."""
 
@@ -43,6 +53,7 @@ class Sample:
     label: str
     data: bytes | None = None
     archive: Path | None = None  # the update set's zip, when data is None
+    member: Member | None = None  # where the image lies in it
 
     @property
     def key(self) -> tuple[str, int]:
@@ -52,23 +63,43 @@ class Sample:
     def read(self) -> bytes:
         if self.data is not None:
             return self.data
-        assert self.archive is not None
-        stat = self.archive.stat()
-        with ARCHIVE_LOCK:
-            return open_archive(self.archive, stat.st_ino, stat.st_mtime_ns).read(f"{self.index:06d}")
+        assert self.archive is not None and self.member is not None
+        return read_member(self.archive, self.member)
 
 
-ARCHIVE_LOCK = threading.Lock()  # one ZipFile is shared by every reader of its set
+def image_members(archive: zipfile.ZipFile, count: int) -> tuple[Member, ...]:
+    """Where each of an open set file's `count` images lies: read once with its manifest, so that
+    a replay draw reads one image without parsing the zip's directory again."""
+    infos = [archive.getinfo(f"{i:06d}") for i in range(count)]
+    if any(info.compress_type != zipfile.ZIP_STORED for info in infos):
+        raise zipfile.BadZipFile("its images are compressed; warmtune stores them as they came")
+    return tuple(Member(info.header_offset, info.compress_size, info.CRC) for info in infos)
 
 
-@functools.lru_cache(maxsize=64)
-def open_archive(path: Path, inode: int, mtime_ns: int) -> zipfile.ZipFile:
-    """An update set's zip, its directory read once (inode and mtime: a new file at the path is opened anew).
+LOCAL_HEADER = 30  # bytes of a zip member's local header before its name and extra field
 
-    Opening it for every sample read its whole directory each time: with a first set of 1000
-    images the replay reads of one short fine-tune took as long as its SGD steps.
+
+def read_member(path: Path, member: Member) -> bytes:
+    """An image's bytes straight from its set's file, checked against the member's header and CRC.
+
+    Opening the zip for each read parses its directory; keeping zips open stops helping once a
+    long history's draws span more sets than stay open. Reading at a known offset is one pread
+    (bench/sample_reads.py).
     """
-    return zipfile.ZipFile(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        # Names are six digits and extra fields empty as write_archive writes them: one read.
+        chunk = os.pread(fd, LOCAL_HEADER + 6 + member.size, member.offset)
+        extent = LOCAL_HEADER + int.from_bytes(chunk[26:28], "little") + int.from_bytes(chunk[28:30], "little")
+        if extent != LOCAL_HEADER + 6:
+            chunk = chunk[:LOCAL_HEADER] + os.pread(fd, member.size, member.offset + extent)
+            extent = LOCAL_HEADER
+    finally:
+        os.close(fd)
+    data = chunk[extent : extent + member.size]
+    if chunk[:4] != b"PK\x03\x04" or len(data) != member.size or zlib.crc32(data) != member.crc:
+        raise zipfile.BadZipFile(f"{path.name}: the image at byte {member.offset} does not match its zip directory")
+    return data
 
 
 @dataclass(frozen=True)
@@ -80,18 +111,32 @@ class UpdateSet:
     new_classes: tuple[str, ...]
     path: Path
     fingerprint: str = ""  # sets stored before fingerprints were kept have none
+    members: tuple[Member, ...] = ()  # where each image lies in the file
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def samples(self, holdout: bool) -> list[Sample]:
+    def samples(self, holdout: bool) -> tuple[Sample, ...]:
         """The training samples (holdout=False) or the holdout samples (holdout=True).
 
         Their bytes are read when first used: a replay step reads the samples it draws, not the
         whole memory.
         """
+        return self.holdout_samples if holdout else self.train_samples
+
+    # Listed once per set: a worker keeps its sets (SampleStore.get) from step to step, and listing
+    # a history of 1000 sets' samples anew took 0.04 s of every step (bench/history.py --at).
+    @functools.cached_property
+    def train_samples(self) -> tuple[Sample, ...]:
+        return self._samples(holdout=False)
+
+    @functools.cached_property
+    def holdout_samples(self) -> tuple[Sample, ...]:
+        return self._samples(holdout=True)
+
+    def _samples(self, holdout: bool) -> tuple[Sample, ...]:
         wanted = [i for i in range(len(self.labels)) if (i in self.holdout) == holdout]
-        return [Sample(self.update_id, i, self.labels[i], archive=self.path) for i in wanted]
+        return tuple(Sample(self.update_id, i, self.labels[i], archive=self.path, member=self.members[i]) for i in wanted)
 
 
 def clean_label(label: str, max_length: int, name: str) -> str:
@@ -246,6 +291,7 @@ class SampleStore:
         try:
             with zipfile.ZipFile(path) as archive:
                 manifest = json.loads(archive.read("manifest.json"))
+                members = image_members(archive, len(manifest["labels"]))
             update = UpdateSet(
                 update_id=update_id,
                 received_at=manifest["received_at"],
@@ -254,6 +300,7 @@ class SampleStore:
                 new_classes=tuple(manifest["new_classes"]),
                 path=path,
                 fingerprint=manifest.get("fingerprint", ""),
+                members=members,
             )
         except (zipfile.BadZipFile, KeyError, TypeError, ValueError, OSError) as exc:
             raise self.quarantine(update_id, f"its file could not be read ({type(exc).__name__}: {exc})") from None
@@ -281,6 +328,6 @@ class SampleStore:
         """Ids of every stored update set (temporary files of unfinished writes are not sets)."""
         version = directory_version(self.root)
         if version is None or version != self._ids_version:  # listing 10,000 sets costs milliseconds: once per change
-            self._ids = [p.stem for p in self.root.glob("*.zip") if UPDATE_ID.match(p.stem)]
+            self._ids = [n[:-4] for n in os.listdir(self.root) if n.endswith(".zip") and UPDATE_ID.match(n[:-4])]
             self._ids_version = version
         return list(self._ids)

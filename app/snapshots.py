@@ -75,6 +75,7 @@ class SnapshotStore:
         self._metas: dict[int, SnapshotMeta] = {}
         self._published: list[int] = []
         self._checked_up_to = 0
+        self._pruned: set[int] = set()  # versions seen without weights: pruning is never undone
         self._records: dict[str, AttemptRecord] = {}
         self._sorted_records: list[AttemptRecord] = []
         self._records_version: int | None = None
@@ -129,7 +130,13 @@ class SnapshotStore:
         return load((self.root / str(version) / WEIGHTS).read_bytes())
 
     def has_weights(self, version: int) -> bool:
-        return (self.root / str(version) / WEIGHTS).exists()
+        if version in self._pruned:
+            return False
+        if (self.root / str(version) / WEIGHTS).exists():
+            return True
+        if (self.root / str(version) / META).exists():  # published, so its weights are gone for good
+            self._pruned.add(version)
+        return False
 
     def require_weights(self, version: int) -> None:
         self.meta(version)
@@ -169,6 +176,7 @@ class SnapshotStore:
                 if now - self.meta(version).created_at < keep_seconds:
                     continue
                 (self.root / str(version) / WEIGHTS).unlink()
+                self._pruned.add(version)
                 pruned.append(version)
             if pruned:
                 fsync_dir(self.root)
@@ -222,10 +230,9 @@ class SnapshotStore:
     def remove_leftovers(self) -> None:
         """Delete what a crash mid-publish left: temporary directories and versions above latest."""
         latest = self.latest()
-        for path in self.root.iterdir():
-            leftover = path.name.startswith(".tmp-") or (path.name.isdigit() and int(path.name) > latest)
-            if path.is_dir() and leftover:
-                shutil.rmtree(path, ignore_errors=True)
+        for name in os.listdir(self.root):  # names only: no stat of every version at every step
+            if (name.startswith(".tmp-") or (name.isdigit() and int(name) > latest)) and (self.root / name).is_dir():
+                shutil.rmtree(self.root / name, ignore_errors=True)
 
     # Attempt records -----------------------------------------------------------------------
 

@@ -261,6 +261,31 @@ def report_sizes(rows: list[dict]) -> list[dict]:
     return rows
 
 
+def step_ratio(path: Path) -> float:
+    """A --at run's median step at its largest history over its median step at its smallest."""
+    rows = json.loads(path.read_text())["rows"]
+    sizes = sorted({r["history"] for r in rows})
+    median = {n: statistics.median(r["seconds"] for r in rows if r["history"] == n) for n in (sizes[0], sizes[-1])}
+    return median[sizes[-1]] / median[sizes[0]]
+
+
+def report_ratios(runs: list[Path], paired_with: list[Path]) -> list[float]:
+    """Each run's ratio, their mean with its 95 % t-interval, and with --paired-with (runs of other
+    code, the i-th made beside the i-th of runs) the paired differences."""
+    from worker.experiment import interval_95
+
+    ratios = [step_ratio(p) for p in runs]
+    for path, ratio in zip(runs, ratios, strict=True):
+        print(f"{path.name}: {ratio:.3f}x")
+    mean, half = interval_95(ratios)
+    print(f"{len(ratios)} runs: mean {mean:.3f}x (95 % t-interval {mean - half:.3f} to {mean + half:.3f})")
+    if paired_with:
+        others = [step_ratio(p) for p in paired_with]
+        mean, half = interval_95([r - o for r, o in zip(ratios, others, strict=True)])
+        print(f"paired with {len(others)} other runs: difference {mean:+.3f} (95 % t-interval {mean - half:+.3f} to {mean + half:+.3f})")
+    return ratios
+
+
 def plot_steps(rows: list[dict], path: Path) -> None:
     """Step time and its parts, RSS and disk against the step number."""
     import matplotlib
@@ -294,9 +319,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     parser.add_argument("--steps-at", type=int, default=20, help="real steps at each size of --at")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--ratios", nargs="+", type=Path, default=[], metavar="FILE", help="summarise --at results instead of running")
+    parser.add_argument("--paired-with", nargs="+", type=Path, default=[], metavar="FILE", help="with --ratios: runs to pair them with")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="another setting for --steps")
     args = parser.parse_args(argv)
     extra = dict(kv.split("=", 1) for kv in args.set)
+    if args.ratios:
+        return report_ratios(args.ratios, args.paired_with)
     if args.at:
         return report_sizes(
             run_at_sizes([int(n) for n in args.at.split(",")], args.steps_at, 10, args.out or RESULTS / "history-at.json", extra)

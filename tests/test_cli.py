@@ -92,12 +92,12 @@ def test_serve_sets_the_gil_switch_interval_before_the_server_starts(tmp_path, m
 def test_every_benchmark_takes_its_flags_from_the_command_line():
     # `warmtune bench NAME ...` hands the flags after the name to the module's main.
     out = subprocess.run(
-        [sys.executable, "-m", "app.cli", "bench", "sample-reads", "--sizes", "10", "--repeats", "1"],
+        [sys.executable, "-m", "app.cli", "bench", "sample-reads", "--size", "10", "--sets", "2", "--repeats", "1"],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert out.returncode == 0, out.stderr
-    assert "576 reads from one update set (median of 1" in out.stdout
+    assert "576 reads (median of 1" in out.stdout and "2 sets of 10" in out.stdout
     for name, module in BENCHMARKS.items():
         assert "argv" in inspect.signature(importlib.import_module(module).main).parameters, name

@@ -3,6 +3,7 @@ import subprocess
 import sys
 import textwrap
 import tracemalloc
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +11,8 @@ import pytest
 from imagegen import make_set
 from PIL import Image
 
-from app.errors import InvalidImage, InvalidLabel, InvalidUpdate, UnknownUpdate
-from app.samples import Sample, SampleStore, split_holdout, write_archive
+from app.errors import CorruptUpdate, InvalidImage, InvalidLabel, InvalidUpdate, UnknownUpdate
+from app.samples import Sample, SampleStore, image_members, split_holdout, write_archive
 
 
 def store(root: Path, holdout: float = 0.1) -> SampleStore:
@@ -148,11 +149,46 @@ def test_storing_a_set_builds_no_copy_of_it_in_memory(tmp_path):
     assert peak < 0.25 * size, f"storing {size} bytes of images allocated {peak} bytes at the peak"
 
 
-def test_a_sample_is_read_from_the_file_now_at_its_path(tmp_path):
-    # each set's zip is opened once and kept open; a new file at the path must not be read from the old one
-    path, staged = tmp_path / "set.zip", tmp_path / "staged.zip"
-    for content in (b"first", b"second"):
-        with open(staged, "wb") as f:
-            write_archive(f, {}, [content + b"-0", content + b"-1"])
-        staged.replace(path)
-        assert [Sample("u", i, "x", archive=path).read() for i in (1, 0)] == [content + b"-1", content + b"-0"]
+def stored_samples(path: Path, images: list[bytes]) -> list[Sample]:
+    with open(path, "wb") as f:
+        write_archive(f, {}, images)
+    with zipfile.ZipFile(path) as archive:
+        members = image_members(archive, len(images))
+    return [Sample("u", i, "x", archive=path, member=m) for i, m in enumerate(members)]
+
+
+def test_a_sample_is_read_at_its_offset_and_checked_against_its_crc(tmp_path):
+    path = tmp_path / "set.zip"
+    samples = stored_samples(path, [b"first-0", b"first-1"])
+    assert [samples[i].read() for i in (1, 0)] == [b"first-1", b"first-0"]
+    # one flipped byte in an image: a read says so rather than hand training wrong bytes
+    raw = bytearray(path.read_bytes())
+    at = samples[1].member.offset + 30 + 6
+    raw[at] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    assert samples[0].read() == b"first-0"
+    with pytest.raises(zipfile.BadZipFile, match="does not match its zip directory"):
+        samples[1].read()
+
+
+def test_a_sample_is_not_read_from_another_file_at_its_path(tmp_path):
+    # a file replaced at the path: the old set's offsets read nothing from it unchecked
+    path = tmp_path / "set.zip"
+    old = stored_samples(path, [b"first-0", b"first-1"])
+    new = stored_samples(path, [b"second-0", b"second-1"])
+    assert [s.read() for s in new] == [b"second-0", b"second-1"]
+    with pytest.raises(zipfile.BadZipFile):
+        old[1].read()
+
+
+def test_a_stored_set_with_compressed_images_is_quarantined_not_misread(tmp_path):
+    s = store(tmp_path)
+    update, _ = s.add(*make_set({"red": 2, "green": 2}))
+    path = s.path(update.update_id)
+    with zipfile.ZipFile(path) as archive:
+        entries = [(info.filename, archive.read(info)) for info in archive.infolist()]
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, data in entries:
+            archive.writestr(name, data)
+    with pytest.raises(CorruptUpdate, match="compressed"):
+        store(tmp_path).get(update.update_id)

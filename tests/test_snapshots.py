@@ -110,3 +110,15 @@ def test_retention_prunes_weights_but_keeps_current_newest_pinned_recent_and_eve
     assert store.prune(keep_last=2, keep_seconds=3600) == []  # a rollback window keeps the young ones
     assert store.prune(keep_last=1, keep_seconds=0) == [1, 2, 5]
     assert [v for v in store.versions() if store.has_weights(v)] == [6]
+
+
+def test_a_store_sees_what_another_pruned_and_a_version_published_after_it_asked(tmp_path):
+    worker, api = SnapshotStore(tmp_path), SnapshotStore(tmp_path)
+    for v in range(1, 4):
+        worker.publish(state(float(v)), meta(v - 1 or None))
+    assert [api.has_weights(v) for v in (1, 2, 3, 4)] == [True, True, True, False]  # 4: not published yet
+    assert worker.prune(keep_last=1, keep_seconds=0) == [1, 2]
+    assert [api.has_weights(v) for v in (1, 2, 3)] == [False, False, True]
+    worker.publish(state(4.0), meta(3))
+    assert api.has_weights(4) and not api.has_weights(1)
+    assert worker.prune(keep_last=1, keep_seconds=0) == [3]  # the pruned ones are not pruned again
