@@ -62,6 +62,16 @@ class CorruptUpdate(WarmtuneError):
     """A stored update set whose file cannot be read; it is moved to quarantine, never deleted."""
 
 
+class DamagedSample(CorruptUpdate):
+    """An image of a stored update set that no longer reads as it was stored (gone, or its bytes
+    changed on disk): its manifest read, so only reading the image finds it."""
+
+    def __init__(self, update_id: str, reason: str) -> None:
+        super().__init__(f"update set {update_id}: {reason}")
+        self.update_id = update_id
+        self.reason = reason
+
+
 class UnknownVersion(WarmtuneError):
     """No model version has this number."""
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from app.errors import CorruptUpdate, IdempotencyConflict, InvalidLabel, InvalidUpdate, UnknownUpdate
+from app.errors import CorruptUpdate, DamagedSample, IdempotencyConflict, InvalidLabel, InvalidUpdate, UnknownUpdate
 from app.files import create_exclusive, directory_version, file_key
 from app.images import check_pixel_budget, decode_image
 
@@ -64,7 +64,10 @@ class Sample:
         if self.data is not None:
             return self.data
         assert self.archive is not None and self.member is not None
-        return read_member(self.archive, self.member)
+        try:
+            return read_member(self.archive, self.member)
+        except (OSError, zipfile.BadZipFile) as exc:
+            raise DamagedSample(self.update_id, f"image {self.index} could not be read ({type(exc).__name__}: {exc})") from None
 
 
 def image_members(archive: zipfile.ZipFile, count: int) -> tuple[Member, ...]:

@@ -11,7 +11,7 @@ import pytest
 from imagegen import make_set
 from PIL import Image
 
-from app.errors import CorruptUpdate, InvalidImage, InvalidLabel, InvalidUpdate, UnknownUpdate
+from app.errors import CorruptUpdate, DamagedSample, InvalidImage, InvalidLabel, InvalidUpdate, UnknownUpdate
 from app.samples import Sample, SampleStore, image_members, split_holdout, write_archive
 
 
@@ -167,7 +167,7 @@ def test_a_sample_is_read_at_its_offset_and_checked_against_its_crc(tmp_path):
     raw[at] ^= 0xFF
     path.write_bytes(bytes(raw))
     assert samples[0].read() == b"first-0"
-    with pytest.raises(zipfile.BadZipFile, match="does not match its zip directory"):
+    with pytest.raises(DamagedSample, match="update set u: image 1 could not be read .*does not match its zip directory"):
         samples[1].read()
 
 
@@ -177,7 +177,7 @@ def test_a_sample_is_not_read_from_another_file_at_its_path(tmp_path):
     old = stored_samples(path, [b"first-0", b"first-1"])
     new = stored_samples(path, [b"second-0", b"second-1"])
     assert [s.read() for s in new] == [b"second-0", b"second-1"]
-    with pytest.raises(zipfile.BadZipFile):
+    with pytest.raises(DamagedSample):
         old[1].read()
 
 

@@ -505,3 +505,26 @@ def test_a_long_lived_caller_answers_the_old_holdout_from_the_last_step_as_the_v
     assert answers_before(step, memo) == fresh
     memo.version = 2  # ... while those of version 2 are, without a forward pass
     assert set(answers_before(step, memo).predicted) == {"green"}
+
+
+def test_an_applied_set_whose_images_are_damaged_on_disk_goes_aside_and_the_lineage_goes_on(settings):
+    stores = Stores(settings)
+    add(stores, *make_set({"red": 30, "green": 30}, seed=1))
+    apply_pending_updates(settings)
+    damaged = add(stores, *make_set({"red": 20, "green": 20}, seed=2))
+    apply_pending_updates(settings)
+    assert stores.status(damaged).status == "applied"
+    # every image of the set changes on disk (its manifest still reads): only reading one finds it
+    path = stores.samples.path(damaged)
+    raw = bytearray(path.read_bytes())
+    for member in stores.samples.get(damaged).members:
+        raw[member.offset + 30 + 6] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+    later = add(stores, *make_set({"red": 10}, seed=3))
+    results = apply_pending_updates(settings)
+    assert [(r.status, r.update_ids) for r in results] == [("applied", [later])]
+    assert damaged not in stores.snapshots.meta(results[0].model_version).update_ids
+    status = stores.status(damaged)
+    assert status.status == "quarantined" and "could not be read" in status.error, status
+    assert (stores.samples.root / "quarantine" / f"{damaged}.zip").exists()  # moved aside, never deleted

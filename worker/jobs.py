@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from app.errors import LineageMoved, LockLost
+from app.errors import DamagedSample, LineageMoved, LockLost
 from app.locks import LineageLock
 from app.model import build_model, grow_head, model_from_state, select_device
 from app.samples import Sample, UpdateSet
@@ -97,6 +97,11 @@ def apply_pending_updates(
                 continue
             except LockLost:
                 raise
+            except DamagedSample as exc:
+                # Only reading an image finds it damaged; its set goes aside (kept, in quarantine) and
+                # the step runs again without it. Each time one set fewer: this ends.
+                stores.samples.quarantine(exc.update_id, exc.reason)
+                continue
             except Exception as exc:  # a failed step is recorded, and the lineage goes on
                 log.exception("update step failed")
                 undecided = {u.update_id for u in stores.pending()}  # not the sets refused before the failure
