@@ -100,7 +100,8 @@ def apply_pending_updates(
             except DamagedSample as exc:
                 # Only reading an image finds it damaged; its set goes aside (kept, in quarantine) and
                 # the step runs again without it. Each time one set fewer: this ends.
-                stores.samples.quarantine(exc.update_id, exc.reason)
+                if stores.samples.path(exc.update_id).exists():  # else another process moved it aside first, with its reason
+                    stores.samples.quarantine(exc.update_id, exc.reason)
                 continue
             except Exception as exc:  # a failed step is recorded, and the lineage goes on
                 log.exception("update step failed")
