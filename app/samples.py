@@ -66,7 +66,7 @@ class Sample:
         assert self.archive is not None and self.member is not None
         try:
             return read_member(self.archive, self.member)
-        except (OSError, zipfile.BadZipFile) as exc:
+        except (FileNotFoundError, zipfile.BadZipFile) as exc:  # not a passing error (EMFILE, EIO): the step fails, the set stays
             raise DamagedSample(self.update_id, f"image {self.index} could not be read ({type(exc).__name__}: {exc})") from None
 
 

@@ -132,9 +132,10 @@ class SnapshotStore:
     def has_weights(self, version: int) -> bool:
         if version in self._pruned:
             return False
+        published = (self.root / str(version) / META).exists()  # before the weights: a publish brings both at once
         if (self.root / str(version) / WEIGHTS).exists():
             return True
-        if (self.root / str(version) / META).exists():  # published, so its weights are gone for good
+        if published:  # so its weights are gone for good
             self._pruned.add(version)
         return False
 

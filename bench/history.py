@@ -261,12 +261,13 @@ def report_sizes(rows: list[dict]) -> list[dict]:
     return rows
 
 
-def step_ratio(path: Path) -> float:
-    """A --at run's median step at its largest history over its median step at its smallest."""
+def step_ratio(path: Path, sizes: tuple[int, int] = (10, 1000)) -> float:
+    """A --at run's median step at the larger of these history sizes over its median step at the smaller."""
     rows = json.loads(path.read_text())["rows"]
-    sizes = sorted({r["history"] for r in rows})
-    median = {n: statistics.median(r["seconds"] for r in rows if r["history"] == n) for n in (sizes[0], sizes[-1])}
-    return median[sizes[-1]] / median[sizes[0]]
+    if missing := [n for n in sizes if not any(r["history"] == n for r in rows)]:
+        raise SystemExit(f"{path} has no steps at {missing} applied sets")
+    small, large = (statistics.median(r["seconds"] for r in rows if r["history"] == n) for n in sizes)
+    return large / small
 
 
 def report_ratios(runs: list[Path], paired_with: list[Path]) -> list[float]:
@@ -307,7 +308,7 @@ def plot_steps(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def main(argv: list[str] | None = None) -> list:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=["10:100", "100:1000", "1000:10000"], help="VERSIONS:SETS")
     parser.add_argument("--requests", type=int, default=200)
@@ -319,7 +320,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     parser.add_argument("--steps-at", type=int, default=20, help="real steps at each size of --at")
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--ratios", nargs="+", type=Path, default=[], metavar="FILE", help="summarise --at results instead of running")
+    parser.add_argument("--ratios", nargs="+", type=Path, default=[], metavar="FILE", help="summarise --at results (the step at 1000 sets over 10) instead of running")
     parser.add_argument("--paired-with", nargs="+", type=Path, default=[], metavar="FILE", help="with --ratios: runs to pair them with")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="another setting for --steps")
     args = parser.parse_args(argv)

@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from bench.history import main, step_ratio
 
 
@@ -12,6 +14,12 @@ def write_run(path, seconds_at):
 def test_a_runs_ratio_is_its_largest_historys_median_step_over_its_smallests(tmp_path):
     run = write_run(tmp_path / "a.json", {10: [1.0, 9.0, 2.0], 100: [5.0], 1000: [2.4, 3.0, 0.1]})
     assert step_ratio(run) == 2.4 / 2.0
+
+
+def test_a_run_cut_short_is_named_not_averaged_in(tmp_path):
+    run = write_run(tmp_path / "cut.json", {10: [1.0], 100: [1.1]})
+    with pytest.raises(SystemExit, match=r"cut.json has no steps at \[1000\] applied sets"):
+        step_ratio(run)
 
 
 def test_ratios_report_the_mean_and_the_paired_differences(tmp_path, capsys):
