@@ -320,7 +320,14 @@ def main(argv: list[str] | None = None) -> list:
     )
     parser.add_argument("--steps-at", type=int, default=20, help="real steps at each size of --at")
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--ratios", nargs="+", type=Path, default=[], metavar="FILE", help="summarise --at results (the step at 1000 sets over 10) instead of running")
+    parser.add_argument(
+        "--ratios",
+        nargs="+",
+        type=Path,
+        default=[],
+        metavar="FILE",
+        help="summarise --at results (the step at 1000 sets over 10) instead of running",
+    )
     parser.add_argument("--paired-with", nargs="+", type=Path, default=[], metavar="FILE", help="with --ratios: runs to pair them with")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="another setting for --steps")
     args = parser.parse_args(argv)
