@@ -97,8 +97,7 @@ class Stores:
         )
         self.snapshots = SnapshotStore(home / "snapshots")
         self.running_path = home / "running.json"
-        self._history: dict[str, list[Attempt]] = {}
-        self._settled: dict[str, tuple[Status, Attempt | None]] = {}
+        self._derived: tuple[dict[str, list[Attempt]], dict[str, tuple[Status, Attempt | None]]] = ({}, {})
         self._derived_version: tuple[int | None, int, int] | None = None
 
     def stores_version(self) -> tuple[int | None, int, int] | None:
@@ -116,12 +115,18 @@ class Stores:
         Derived from the stores on every change of stores_version(), and kept until the next:
         a lookup then costs the same at 10 versions and at 10,000.
         """
+        return self.derived()[0]
+
+    def derived(self) -> tuple[dict[str, list[Attempt]], dict[str, tuple[Status, Attempt | None]]]:
+        """history() and settled() from one reading of the stores: a caller that needs both gets
+        a matching pair (read one after the other, a step could land between them)."""
         version = self.stores_version()
         if version is not None and version == self._derived_version:
-            return self._history
+            return self._derived
         attempts = self._read_history()
-        self._history, self._settled, self._derived_version = attempts, self._settle_all(attempts), version
-        return attempts
+        self._derived = attempts, self._settle_all(attempts)
+        self._derived_version = version
+        return self._derived
 
     def _read_history(self) -> dict[str, list[Attempt]]:
         attempts: dict[str, list[Attempt]] = {}
@@ -144,8 +149,7 @@ class Stores:
 
     def settled(self) -> dict[str, tuple[Status, Attempt | None]]:
         """The status of every set that has attempts (a set without any is queued or running)."""
-        self.history()
-        return self._settled
+        return self.derived()[1]
 
     def _settle_all(self, history: dict[str, list[Attempt]]) -> dict[str, tuple[Status, Attempt | None]]:
         lineage = self.current_lineage()
@@ -182,8 +186,9 @@ class Stores:
             update = self.samples.get(update_id)
         except CorruptUpdate as exc:
             return UpdateStatus(update_id, "quarantined", 0, error=str(exc))
-        attempts = self.history().get(update_id, [])
-        status, attempt = self.settled().get(update_id, ("queued", None))
+        history, settled = self.derived()
+        attempts = history.get(update_id, [])
+        status, attempt = settled.get(update_id, ("queued", None))
         if status == "queued":
             return UpdateStatus(update_id, "running" if update_id in self.running() else "queued", len(update), attempts=attempts)
         assert attempt is not None
@@ -223,7 +228,7 @@ class Stores:
         """
         applied = {label for update in self.readable(self.snapshots.meta(version).update_ids) for label in update.labels}
         requeued = []
-        history, settled = self.history(), self.settled()
+        history, settled = self.derived()
         for update in self.readable([u for u in history if settled[u][0] == "rejected"]):
             automatic = sum(a.status == "requeued" and bool(a.metrics.get("automatic")) for a in history[update.update_id])
             shared = sorted(applied & set(update.labels))
