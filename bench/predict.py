@@ -194,21 +194,40 @@ def load(url: str, pid: int, script: Path, concurrency: int, seconds: float, war
     return point | {"server_cores": cpu / seconds, "images_per_server_cpu_s": point["images_per_s"] * seconds / cpu}
 
 
-def bare_loop(arch: str, image_size: int, device: torch.device, images: list[bytes], batch: int, seconds: float) -> dict[str, float]:
-    """Images/s (and per CPU-second) of decode + preprocess + forward in batches, the steps the service runs, without HTTP."""
+def bare_loop(
+    arch: str, image_size: int, device: torch.device, images: list[bytes], batch: int, seconds: float, decode: bool = True
+) -> dict[str, float]:
+    """Images/s (and per CPU-second) of decode + preprocess + forward in batches, the steps the service runs, without HTTP.
+
+    With decode=False the images are decoded beforehand and only the forward pass is timed: the
+    most a server whose forward passes hold `batch` images can answer with one forward thread,
+    however cheap its HTTP and decoding on the other cores.
+    """
     model = serving_model(build_model(arch, len(FASHION_MNIST_CLASSES)), device, image_size)  # as the service prepares it
     served = ServedModel(1, FASHION_MNIST_CLASSES, image_size, model, device)
+    decoded = None if decode else [image_to_pixels(data, image_size, 2**62) for data in images]
     done, k = 0, 0
     forward(served, torch.zeros(batch, 3, image_size, image_size, dtype=torch.uint8))  # warm-up
     start, cpu = time.perf_counter(), time.process_time()
     while time.perf_counter() - start < seconds:
-        chunk = [images[(k + j) % len(images)] for j in range(batch)]
-        pixels = torch.stack([image_to_pixels(data, image_size, 2**62) for data in chunk])
+        chunk = range(k, k + batch)
+        if decoded is None:
+            pixels = torch.stack([image_to_pixels(images[i % len(images)], image_size, 2**62) for i in chunk])
+        else:
+            pixels = torch.stack([decoded[i % len(decoded)] for i in chunk])
         forward(served, pixels)
         done, k = done + batch, k + batch
     if device.type == "cuda":
         torch.cuda.synchronize()
     return {"images_per_s": done / (time.perf_counter() - start), "images_per_cpu_s": done / (time.process_time() - cpu)}
+
+
+def batch_counts(url: str) -> tuple[float, float]:
+    """The sum and count of warmtune_predict_batch_size in the server's /metrics: images and forward passes so far."""
+    metrics = httpx.get(f"{url}/metrics").text
+    total = float(re.search(r"^warmtune_predict_batch_size_sum (\S+)", metrics, re.MULTILINE).group(1))
+    count = float(re.search(r"^warmtune_predict_batch_size_count (\S+)", metrics, re.MULTILINE).group(1))
+    return total, count
 
 
 def free_port() -> int:
@@ -232,6 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch intra-op threads of the bare loop and the servers (default: torch's)"
     )
+    parser.add_argument("--out", type=Path, default=None, help="the results file (default: bench/results/predict-ARCH-SIZE-DEVICE.json)")
     args = parser.parse_args(argv)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per readiness poll
     if args.threads:
@@ -254,7 +274,13 @@ def main(argv: list[str] | None = None) -> dict:
         )
         return bare
 
+    def measure_forward_only(when: str) -> dict[int, dict[str, float]]:
+        rates = {b: bare_loop(args.arch, args.image_size, device, images, b, args.seconds / 2, decode=False) for b in (8, 16, 32)}
+        print(f"forward pass alone {when}: " + ", ".join(f"batch {b}: {v['images_per_s']:.0f} img/s" for b, v in rates.items()))
+        return rates
+
     bare_before = measure_bare("before")
+    forward_before = measure_forward_only("before")
     home = make_home(args.arch, args.image_size)
     scripts = Path(tempfile.mkdtemp(prefix="warmtune-wrk-"))
     (scripts / "multipart").mkdir()
@@ -281,7 +307,12 @@ def main(argv: list[str] | None = None) -> dict:
             try:
                 service[name] = {}
                 for n in concurrencies:
-                    point = service[name][n] = load(f"http://127.0.0.1:{port}", proc.pid, script, n, args.seconds, args.warmup)
+                    url = f"http://127.0.0.1:{port}"
+                    counted = batch_counts(url) if name.startswith("warmtune") else None
+                    point = service[name][n] = load(url, proc.pid, script, n, args.seconds, args.warmup)
+                    if counted:  # forward passes of this point only (its warm-up included)
+                        images_after, passes_after = batch_counts(url)
+                        point["mean_batch"] = (images_after - counted[0]) / (passes_after - counted[1])
                     print(
                         f"{name:30} concurrency {n:3d}: {point['images_per_s']:7.1f} img/s, p50 {point['p50_ms']:6.1f} ms, "
                         f"p99 {point['p99_ms']:6.1f} ms, server {point['server_cores']:.2f} cores, errors {point['errors']}"
@@ -292,6 +323,8 @@ def main(argv: list[str] | None = None) -> dict:
         shutil.rmtree(home, ignore_errors=True)
         shutil.rmtree(scripts, ignore_errors=True)
     bare_after = measure_bare("after")
+    forward_after = measure_forward_only("after")
+    forward_only = {b: max(forward_before[b], forward_after[b], key=lambda v: v["images_per_s"]) for b in forward_before}
 
     bare = {b: max(bare_before[b], bare_after[b], key=lambda v: v["images_per_s"]) for b in bare_before}
     best_batch = max(bare, key=lambda b: bare[b]["images_per_s"])
@@ -320,6 +353,11 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{point['ratio_to_bare_best']:7.2f} {point['cpu_ratio_to_bare_best']:12.2f}"
             )
     ours, theirs = service["warmtune"][top], service[peer][top]
+    print(
+        f"warmtune's forward passes at concurrency {top} held {ours['mean_batch']:.1f} images on average; the forward pass alone: "
+        + ", ".join(f"batch {b}: {v['images_per_s']:.0f} img/s" for b, v in forward_only.items())
+        + f"; 1.2x {peer} is {1.2 * theirs['images_per_s']:.0f} img/s"
+    )
     gain = ours["images_per_s"] / service["warmtune, batching off"][top]["images_per_s"]
     vs_peer = ours["images_per_s"] / theirs["images_per_s"]
     print(
@@ -339,14 +377,17 @@ def main(argv: list[str] | None = None) -> dict:
         "bare_before": bare_before,
         "bare_after": bare_after,
         "bare_best_batch": best_batch,
+        "forward_only": forward_only,
+        "forward_only_before": forward_before,
+        "forward_only_after": forward_after,
         "service": service,
         "peer": peer,
         "ratio_to_bare_best": ours["ratio_to_bare_best"],
         "ratio_to_peer": vs_peer,
         "batching_gain": gain,
     }
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"predict-{args.arch}-{args.image_size}-{device.type}.json"
+    out = args.out or RESULTS / f"predict-{args.arch}-{args.image_size}-{device.type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
     return result

@@ -11,24 +11,28 @@ Each configuration is NAME or NAME:KEY=VALUE,KEY=VALUE where a KEY is a WARMTUNE
 from __future__ import annotations
 
 import argparse
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-import httpx
 import torch
 
 from app.datasets import FASHION_MNIST_CLASSES, fashion_mnist
-from bench.predict import BOUNDARY, bare_loop, free_port, load, make_home, multipart_body, started, stop, thread_env, wrk_script
-
-
-def mean_batch(metrics: str) -> float:
-    total = float(re.search(r"^warmtune_predict_batch_size_sum (\S+)", metrics, re.MULTILINE).group(1))
-    count = float(re.search(r"^warmtune_predict_batch_size_count (\S+)", metrics, re.MULTILINE).group(1))
-    return total / count
+from bench.predict import (
+    BOUNDARY,
+    bare_loop,
+    batch_counts,
+    free_port,
+    load,
+    make_home,
+    multipart_body,
+    started,
+    stop,
+    thread_env,
+    wrk_script,
+)
 
 
 def start(home: Path, arch: str, image_size: int, settings: dict[str, str], switch: float) -> tuple[subprocess.Popen, int]:
@@ -66,7 +70,8 @@ def main(argv: list[str] | None = None) -> None:
                 proc, port = start(home, args.arch, args.image_size, settings, switch)
                 try:
                     p = load(f"http://127.0.0.1:{port}", proc.pid, script, args.concurrency, args.seconds, 2.0)
-                    batch = mean_batch(httpx.get(f"http://127.0.0.1:{port}/metrics").text)
+                    images_seen, passes = batch_counts(f"http://127.0.0.1:{port}")
+                    batch = images_seen / passes
                 finally:
                     stop(proc)
                 print(
