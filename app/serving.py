@@ -51,6 +51,10 @@ class Prediction:
     score: float
     top_k: list[tuple[str, float]]
 
+    def first(self, k: int) -> Prediction:
+        """The same prediction with only its first k classes."""
+        return self if k >= len(self.top_k) else Prediction(self.label, self.score, self.top_k[:k])
+
 
 class Classifier(nn.Module):
     """uint8 pixels in, class probabilities out: normalisation, network and softmax in one module.
@@ -112,7 +116,9 @@ def load_version(snapshots: SnapshotStore, version: int, device: torch.device) -
 def forward(served: ServedModel, pixels: torch.Tensor) -> torch.Tensor:
     """Class probabilities for a uint8 (N, 3, S, S) batch, on the CPU."""
     with autocast(served.device):
-        return served.model(to_device(pixels, served.device)).cpu()
+        probs = served.model(to_device(pixels, served.device))
+    # On the CPU no copy: any torch call gives the GIL up and waits to take it back.
+    return probs if probs.device.type == "cpu" else probs.cpu()
 
 
 def resize_to(pixels: torch.Tensor, image_size: int) -> torch.Tensor:
@@ -276,9 +282,12 @@ class ModelServer:
                 if served is None:  # requests need a model to be prepared, so only after a failed start
                     raise NoModel("no model loaded")
                 probs = self.forward_batch(served, torch.cat([resize_to(r.pixels, served.image_size) for r in batch]))
+                # One top-k for the whole batch, not one per request: each torch call gives the
+                # GIL up and, under load, waits for the event loop to give it back.
+                ranked = top_predictions(probs, served.classes, max(r.top_k for r in batch))
                 lo, answers = 0, []
                 for r in batch:
-                    answers.append((served.version, top_predictions(probs[lo : lo + len(r.pixels)], served.classes, r.top_k)))
+                    answers.append((served.version, [p.first(r.top_k) for p in ranked[lo : lo + len(r.pixels)]]))
                     lo += len(r.pixels)
             except Exception as exc:
                 log.exception("forward pass failed")
@@ -321,7 +330,7 @@ class ModelServer:
             chunk = pixels[lo : lo + step]
             self.metrics.predict_batch.observe(len(chunk))
             chunks.append(forward(served, chunk))
-        return torch.cat(chunks)
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)  # no copy (and no GIL hand-back) for one
 
     def close(self) -> None:
         self._requests.put(None)

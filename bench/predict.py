@@ -91,9 +91,11 @@ def start_litserve(home: Path, device: str, max_batch: int, batch_timeout: float
     return started(command, thread_env(threads), f"http://127.0.0.1:{port}/health", lambda r: r.text == "ok")
 
 
-def started(command: list[str], env: dict[str, str], ready_url: str, ready: Callable[[httpx.Response], bool]) -> subprocess.Popen:
+def started(
+    command: list[str], env: dict[str, str], ready_url: str, ready: Callable[[httpx.Response], bool], cwd: str | None = None
+) -> subprocess.Popen:
     """A server process (in a session of its own, with its children) once ready_url says it is ready."""
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         try:

@@ -130,6 +130,8 @@ def bad_inputs(good: bytes) -> list[tuple[str, str, dict, int, str]]:
         ("/predict", "top_k zero", {**multipart([png(good)]), "params": {"top_k": 0}}, 422, "top_k"),
         ("/predict", "top_k too big", {**multipart([png(good)]), "params": {"top_k": 101}}, 422, "top_k"),
         ("/predict", "top_k not a number", {**multipart([png(good)]), "params": {"top_k": "many"}}, 422, "top_k"),
+        ("/predict", "top_k a float", {**multipart([png(good)]), "params": {"top_k": "1e2"}}, 422, "top_k"),
+        ("/predict", "top_k signed", {**multipart([png(good)]), "params": {"top_k": "-3"}}, 422, "top_k"),
         ("/predict", "wrong content type", {"json": {"image": "x"}}, 415, "multipart/form-data"),
         ("/predict", "no images", {"files": [("other", ("a.png", good, "image/png"))]}, 400, "no images"),
         ("/updates", "labels missing", multipart([png(good)]), 422, "1 images but 0 labels"),
@@ -160,8 +162,14 @@ def test_bad_input_gets_a_4xx_naming_the_problem_and_nothing_is_stored(tmp_path:
                 assert r.status_code == status, (case, r.status_code, r.text)
                 assert words in r.json()["detail"], (case, r.json())
             assert c.get("/healthz").status_code == 200 and predict(c, [good])["model_version"] == 1
+            assert len(predict(c, [good], top_k=1)["predictions"][0]["top_k"]) == 1
             assert len(list((tmp_path / "home" / "samples").glob("*.zip"))) == 1
             assert "Traceback" not in server.output()
+            # /predict reads its request itself (app.routes.predict.RequestRoute) and is documented all the same
+            documented = c.get("/openapi.json").json()["paths"]["/predict"]["post"]
+            assert [p["name"] for p in documented["parameters"]] == ["top_k"]
+            assert "multipart/form-data" in documented["requestBody"]["content"]
+            assert documented["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/PredictResponse")
     finally:
         server.kill()
 

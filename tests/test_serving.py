@@ -76,3 +76,35 @@ def test_the_served_cpu_model_is_traced_and_answers_as_the_eager_one():
     assert isinstance(served.model, torch.jit.ScriptModule)
     expected = torch.softmax(eager(to_model_input(pixels, device)), dim=1)
     assert torch.allclose(forward(served, pixels), expected, atol=1e-4)
+
+
+def test_requests_in_one_batch_each_get_their_own_top_k(tmp_path: Path):
+    class FirstPixel(nn.Module):  # the classes' scores are the first pixel's channels
+        def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+            return pixels[:, :, 0, 0].float().softmax(dim=1)
+
+    def image(*channels: int) -> torch.Tensor:
+        pixels = torch.zeros(1, 3, 4, 4, dtype=torch.uint8)
+        pixels[0, :, 0, 0] = torch.tensor(channels)
+        return pixels
+
+    settings = Settings(home=tmp_path)
+    server = ModelServer(settings, Stores(settings), Metrics())
+    server.current = ServedModel(1, ["a", "b", "c"], 4, FirstPixel(), torch.device("cpu"))
+
+    async def both() -> tuple:
+        one = asyncio.ensure_future(server.predict(image(1, 3, 2), top_k=1))
+        three = asyncio.ensure_future(server.predict(image(3, 1, 2), top_k=3))
+        await asyncio.sleep(0)  # both queued before the forward thread starts: one batch
+        server.start()
+        return await asyncio.wait_for(one, 30), await asyncio.wait_for(three, 30)
+
+    try:
+        (_, [first]), (_, [second]) = asyncio.run(both())
+    finally:
+        server.close()
+    assert first.label == "b" and [label for label, _ in first.top_k] == ["b"]
+    assert second.label == "a" and [label for label, _ in second.top_k] == ["a", "c", "b"]
+    [histogram] = server.metrics.predict_batch.collect()
+    totals = {s.name.rpartition("_")[2]: s.value for s in histogram.samples if s.name.endswith(("_count", "_sum"))}
+    assert totals == {"count": 1.0, "sum": 2.0}  # one forward pass of both images
