@@ -254,7 +254,10 @@ def main(argv: list[str] | None = None) -> dict:
         "--threads", type=int, default=None, help="torch intra-op threads of the bare loop and the servers (default: torch's)"
     )
     parser.add_argument("--out", type=Path, default=None, help="the results file (default: bench/results/predict-ARCH-SIZE-DEVICE.json)")
+    parser.add_argument("--ratios", type=Path, nargs="+", help="summarise these results files over runs instead of running")
     args = parser.parse_args(argv)
+    if args.ratios:
+        return summarise(args.ratios)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per readiness poll
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -393,6 +396,26 @@ def main(argv: list[str] | None = None) -> dict:
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
     return result
+
+
+def summarise(paths: list[Path]) -> dict:
+    """The target ratios of several runs, each run's and their mean with its 95 % t-interval: warmtune
+    against the bare loop's best and against LitServe at the highest concurrency, and p99 warmtune − LitServe."""
+    from worker.experiment import interval_95
+
+    rows = []
+    for path in paths:
+        run = json.loads(path.read_text())
+        top = max(run["service"]["warmtune"], key=int)
+        p99 = run["service"]["warmtune"][top]["p99_ms"] - run["service"][run["peer"]][top]["p99_ms"]
+        rows.append({"file": str(path), "x_bare": run["ratio_to_bare_best"], "x_peer": run["ratio_to_peer"], "p99_minus_peer_ms": p99})
+        print(f"{path}: {rows[-1]['x_bare']:.2f}x bare, {rows[-1]['x_peer']:.2f}x {run['peer']}, p99 {p99:+.1f} ms against it")
+    summary: dict = {"runs": rows}
+    for key, what in (("x_bare", "x the bare loop's best"), ("x_peer", "x LitServe"), ("p99_minus_peer_ms", "ms p99 - LitServe's")):
+        mean, half = interval_95([r[key] for r in rows])
+        summary[key] = {"mean": mean, "low": mean - half, "high": mean + half}
+        print(f"{len(rows)} runs: {mean:.2f} {what} (95 % t-interval {mean - half:.2f} to {mean + half:.2f})")
+    return summary
 
 
 if __name__ == "__main__":
