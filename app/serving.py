@@ -117,7 +117,8 @@ def forward(served: ServedModel, pixels: torch.Tensor) -> torch.Tensor:
     """Class probabilities for a uint8 (N, 3, S, S) batch, on the CPU."""
     with autocast(served.device):
         probs = served.model(to_device(pixels, served.device))
-    # On the CPU no copy: any torch call gives the GIL up and waits to take it back.
+    # .cpu() of a CPU tensor copies nothing but is a torch call all the same: it gives the GIL up
+    # and, under load, waits to take it back.
     return probs if probs.device.type == "cpu" else probs.cpu()
 
 
@@ -330,7 +331,7 @@ class ModelServer:
             chunk = pixels[lo : lo + step]
             self.metrics.predict_batch.observe(len(chunk))
             chunks.append(forward(served, chunk))
-        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)  # no copy (and no GIL hand-back) for one
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)  # one chunk: no copy, no GIL take-back
 
     def close(self) -> None:
         self._requests.put(None)

@@ -4,8 +4,7 @@ traced and frozen model the service serves (app/serving.py: serving_model). And 
 model, its rate with nothing beside it. The traced pass runs without the GIL but takes it back
 when it returns, and beside a thread that holds it each take-back waits up to the interpreter's
 switch interval (--switch-ms; Python's default is 5 ms, `warmtune serve` sets
-WARMTUNE_GIL_SWITCH_INTERVAL_MS): what is left of the gap at a short interval is the other core's
-work slowing this one (shared caches and memory).
+WARMTUNE_GIL_SWITCH_INTERVAL_MS).
 
     python -m bench.gil --image-size 32 --batch 16 --repeats 5 --switch-ms 0.2
 """
